@@ -1,0 +1,59 @@
+"""Every lesson is listed in book.toml, opens with the shared header, stores outputs.
+
+The lessons themselves run as tests through nbval (`make test`); this file checks
+what nbval does not.
+"""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from sdscratch.book import ROOT, header_markdown, links, load_book, setup_code
+
+LESSONS = sorted((ROOT / "lessons").glob("*.ipynb"))
+BOOK = load_book()
+LISTED = BOOK.get("lesson", [])
+
+
+def cells(path: Path) -> list[dict]:
+    return json.loads(path.read_text())["cells"]
+
+
+def source(cell: dict) -> str:
+    text = cell["source"]
+    return "".join(text) if isinstance(text, list) else text
+
+
+def test_book_lists_exactly_the_lessons_in_order():
+    listed = [lesson["file"] for lesson in LISTED]
+    assert listed == [path.name for path in LESSONS]
+
+
+@pytest.mark.parametrize("path", LESSONS, ids=lambda p: p.name)
+def test_lesson_name_is_numbered_topic(path):
+    assert re.fullmatch(r"\d\d_[a-z0-9_]+\.ipynb", path.name)
+
+
+@pytest.mark.parametrize("lesson", LISTED, ids=lambda lesson: lesson["file"])
+def test_lesson_opens_with_title_badges_and_setup(lesson):
+    first, second = cells(ROOT / "lessons" / lesson["file"])[:2]
+    assert first["cell_type"] == "markdown"
+    title = source(first).splitlines()[0].removeprefix("# ")
+    assert source(first) == header_markdown(BOOK, lesson["file"], title)
+    link = links(BOOK, lesson["file"])
+    assert f"/blob/main/lessons/{lesson['file']})" in link["colab"] + ")"
+    assert second["cell_type"] == "code"
+    assert source(second) == setup_code(BOOK)
+
+
+@pytest.mark.parametrize("path", LESSONS, ids=lambda p: p.name)
+def test_lesson_has_stored_outputs_and_no_stored_error(path):
+    code = [cell for cell in cells(path) if cell["cell_type"] == "code"]
+    assert any(cell.get("outputs") for cell in code), (
+        "run `make lessons` to store outputs"
+    )
+    for cell in code:
+        for output in cell.get("outputs", []):
+            assert output["output_type"] != "error", f"stored error in:\n{source(cell)}"

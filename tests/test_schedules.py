@@ -1,0 +1,67 @@
+"""The schedules against diffusers' DDPMScheduler, the reference implementation."""
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from sdscratch.schedules import SCHEDULES, NoiseSchedule
+
+CASES = [
+    ("linear", {}),
+    ("linear", {"beta_start": 0.0002, "beta_end": 0.03}),
+    ("scaled_linear", {}),
+    ("cosine", {}),
+]
+
+
+def reference(schedule: NoiseSchedule) -> DDPMScheduler:
+    return DDPMScheduler(**schedule.diffusers_config())
+
+
+@pytest.mark.parametrize("name,kwargs", CASES)
+@pytest.mark.parametrize("steps", [1000, 50])
+def test_alphas_cumprod_match_diffusers(name, kwargs, steps):
+    ours = NoiseSchedule.from_name(name, steps, **kwargs)
+    theirs = reference(ours)
+    torch.testing.assert_close(ours.betas, theirs.betas, atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        ours.alphas_cumprod, theirs.alphas_cumprod, atol=1e-6, rtol=0
+    )
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_add_noise_matches_diffusers(name):
+    ours = NoiseSchedule.from_name(name)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(6, 3, 8, 8, generator=g)
+    noise = torch.randn(6, 3, 8, 8, generator=g)
+    t = torch.tensor([0, 1, 10, 500, 998, 999])
+    expected = reference(ours).add_noise(x0, noise, t)
+    torch.testing.assert_close(
+        ours.add_noise(x0, noise, t), expected, atol=1e-6, rtol=0
+    )
+
+
+def test_add_noise_works_for_points():
+    ours = NoiseSchedule.scaled_linear()
+    x0, noise = torch.ones(4, 2), torch.zeros(4, 2)
+    t = torch.tensor([0, 100, 500, 999])
+    expected = ours.alphas_cumprod[t, None].sqrt().expand(4, 2)
+    torch.testing.assert_close(ours.add_noise(x0, noise, t), expected)
+
+
+def test_sd_v1_end_points():
+    betas = NoiseSchedule.scaled_linear().betas
+    assert betas[0].item() == pytest.approx(0.00085)
+    assert betas[-1].item() == pytest.approx(0.012)
+
+
+def test_snr_and_sigmas_agree():
+    s = NoiseSchedule.cosine()
+    torch.testing.assert_close(s.snr(), 1 / s.sigmas**2, rtol=1e-4, atol=0)
+    assert torch.all(s.snr()[1:] < s.snr()[:-1]), "SNR must fall with t"
+
+
+def test_unknown_schedule_is_one_clear_error():
+    with pytest.raises(ValueError, match="Unknown schedule 'quadratic'"):
+        NoiseSchedule.from_name("quadratic")

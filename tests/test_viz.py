@@ -1,0 +1,43 @@
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from sdscratch.viz import from_pil, image_grid, make_grid, to_pil  # noqa: E402
+
+
+def test_pil_round_trip_is_exact_on_the_uint8_grid():
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (2, 3, 5, 7), generator=g).float()
+    images = pixels / 127.5 - 1
+    back = from_pil(to_pil(images))
+    torch.testing.assert_close(back, images, atol=1e-6, rtol=0)
+    assert to_pil(images)[0].size == (7, 5)
+
+
+def test_make_grid_places_each_image_in_its_tile():
+    images = torch.stack([torch.full((3, 4, 4), v) for v in (-1.0, 0.0, 0.5)])
+    grid = make_grid(images, ncols=2, pad=1)
+    assert grid.shape == (3, 9, 9)
+    assert torch.all(grid[:, :4, :4] == -1) and torch.all(grid[:, :4, 5:] == 0)
+    assert torch.all(grid[:, 5:, :4] == 0.5) and torch.all(grid[:, 5:, 5:] == 1)
+    assert torch.all(grid[:, 4, :] == 1), "padding row is white"
+
+
+def test_image_grid_draws_every_image_and_caption():
+    images = torch.linspace(-1, 1, 5)[:, None, None, None].expand(5, 3, 8, 8)
+    captions = [f"caption number {i} which is rather long" for i in range(5)]
+    fig = image_grid(images, captions, ncols=3)
+    drawn = [ax for ax in fig.axes if ax.images]
+    assert len(drawn) == 5
+    assert [ax.get_title().replace("\n", " ") for ax in drawn] == captions
+    shown = np.asarray(drawn[-1].images[0].get_array())
+    assert shown.dtype == np.uint8 and shown.max() == 255
+
+
+def test_image_grid_needs_one_caption_per_image():
+    with pytest.raises(ValueError, match="Got 1 captions for 3 images"):
+        image_grid(torch.zeros(3, 3, 4, 4), ["only one"])
