@@ -5,6 +5,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # On the course machines the CPU build of torch waits in /opt/wheels.
 PIP_FLAGS := -c constraints.txt $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
+# Jupyter refuses to run as root (containers, CI) unless told that it is meant.
+ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
 NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=600 \
          --nbval-sanitize-with tests/nbval_sanitize.cfg
 
@@ -19,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 ## make lab: create .venv if needed and open JupyterLab on the lessons
 lab: $(STAMP)
-	$(BIN)/jupyter lab --ServerApp.root_dir=lessons $(LAB_ARGS)
+	$(BIN)/jupyter lab --ServerApp.root_dir=lessons $(ROOT_FLAG) $(LAB_ARGS)
 
 ## make test: lint, unit tests, and every lesson run top to bottom as a test
 test: $(STAMP)
