@@ -8,6 +8,8 @@ used, none missing). Equal outputs then prove the architectures are the same.
 
 import re
 
+import torch
+
 # ---------------------------------------------------------------------------------
 # The autoencoder: diffusers' AutoencoderKL -> sdscratch.vae.VAE
 # ---------------------------------------------------------------------------------
@@ -79,3 +81,71 @@ def vae_from_diffusers(model):
     state = {name: tensor.detach().float().cpu() for name, tensor in state.items()}
     vae.load_state_dict(state, strict=True)
     return vae.eval()
+
+
+# ---------------------------------------------------------------------------------
+# The text encoder: transformers' CLIPTextModel -> sdscratch.clip.TextEncoder
+# ---------------------------------------------------------------------------------
+
+TEXT_ENCODER_RENAMES = {  # transformers name (prefix): sdscratch name
+    # CLIPTextModelWithProjection (and CLIPTextModel before transformers 5) nest the
+    # transformer in `text_model`; ours is flat, like CLIPTextModel in transformers 5.
+    "text_model.": "",
+}
+# Dropped: `embeddings.position_ids`, a buffer holding 0..L-1 (not a weight).
+
+
+def text_encoder_config_from_transformers(config, projection=False):
+    """Our `TextEncoderConfig` from a transformers `CLIPTextConfig`.
+
+    Args:
+        config: the reference's config.
+        projection: keep `projection_dim` (for `CLIPTextModelWithProjection`).
+    """
+    from sdscratch.clip import ACTIVATIONS, TextEncoderConfig
+
+    if config.hidden_act not in ACTIVATIONS:
+        act = config.hidden_act
+        raise ValueError(f"sdscratch cannot port a text encoder with {act}.")
+    # transformers configs from before its PR #24773 (SD v1.5's among them) say
+    # eos_token_id=2, which transformers reads as "pool at the highest id".
+    eos = None if config.eos_token_id == 2 else config.eos_token_id
+    return TextEncoderConfig(
+        vocab_size=config.vocab_size,
+        max_position_embeddings=config.max_position_embeddings,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        hidden_act=config.hidden_act,
+        layer_norm_eps=config.layer_norm_eps,
+        eos_token_id=eos,
+        projection_dim=config.projection_dim if projection else 0,
+    )
+
+
+def text_encoder_from_transformers(model):
+    """Port a transformers `CLIPTextModel` into an equal sdscratch `TextEncoder`.
+
+    Args:
+        model: a `CLIPTextModel` (e.g. SD v1.5's `text_encoder`), or a
+            `CLIPTextModelWithProjection` (its `text_projection` comes along).
+    Returns:
+        A `TextEncoder` in eval mode with the same weights, dtype and device.
+    """
+    from sdscratch.clip import TextEncoder
+
+    parameter = next(model.parameters())
+    projection = hasattr(model, "text_projection")
+    config = text_encoder_config_from_transformers(model.config, projection)
+    with torch.device("meta"):
+        text_encoder = TextEncoder(config)
+    state = {}
+    for key, value in model.state_dict().items():
+        if key.endswith("position_ids"):
+            continue
+        for old, new in TEXT_ENCODER_RENAMES.items():
+            key = new + key.removeprefix(old) if key.startswith(old) else key
+        state[key] = value.clone()  # a copy, not a view of the reference's weights
+    text_encoder.load_state_dict(state, strict=True, assign=True)
+    return text_encoder.to(parameter.device, parameter.dtype).eval()

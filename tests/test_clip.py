@@ -1,0 +1,181 @@
+"""The text encoder against transformers' CLIPTextModel; the tiny CLIP's parts."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+)
+
+from sdscratch.clip import (
+    CLIP,
+    ImageEncoder,
+    ImageEncoderConfig,
+    TextEncoder,
+    TextEncoderConfig,
+    contrastive_loss,
+)
+from sdscratch.port import text_encoder_from_transformers
+
+TINY_CONFIGS = {
+    "quick_gelu": dict(
+        vocab_size=99,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=16,
+        hidden_act="quick_gelu",
+        bos_token_id=97,
+        eos_token_id=98,
+    ),
+    "gelu_eos_2": dict(  # eos_token_id=2: pooled at the highest id, as SD v1.5's
+        vocab_size=50,
+        hidden_size=24,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        max_position_embeddings=20,
+        hidden_act="gelu",
+        layer_norm_eps=1e-6,
+        bos_token_id=0,
+        eos_token_id=2,
+    ),
+}
+
+
+def random_reference(cls, name, **extra):
+    torch.manual_seed(0)
+    model = cls(CLIPTextConfig(**TINY_CONFIGS[name], **extra)).eval()
+    with torch.no_grad():  # LayerNorms start at 1 and 0: make them random too
+        for param in model.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+    return model
+
+
+def prompts(config, batch=4, length=None):
+    """Token ids framed like the tokenizer's: start, words, end, padding."""
+    generator = torch.Generator().manual_seed(1)
+    length = length or config.max_position_embeddings
+    ids = torch.randint(3, config.vocab_size - 3, (batch, length), generator=generator)
+    ids[:, 0] = config.bos_token_id
+    for row, end in enumerate(range(3, 3 + batch)):
+        ids[row, end:] = config.eos_token_id if config.eos_token_id != 2 else 0
+        ids[row, end] = config.eos_token_id if config.eos_token_id != 2 else 49
+    return ids
+
+
+@pytest.mark.parametrize("name", TINY_CONFIGS)
+def test_text_encoder_equals_clip_text_model(name):
+    reference = random_reference(CLIPTextModel, name)
+    ours = text_encoder_from_transformers(reference)
+    ids = prompts(reference.config)
+    with torch.no_grad():
+        expected = reference(input_ids=ids)
+        hidden = ours(ids)
+        pooled = ours.pool(hidden, ids)
+    assert hidden.shape == expected.last_hidden_state.shape
+    assert (hidden - expected.last_hidden_state).abs().max() <= 1e-5
+    assert (pooled - expected.pooler_output).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("name", TINY_CONFIGS)
+def test_text_encoder_with_projection_equals_transformers(name):
+    reference = random_reference(CLIPTextModelWithProjection, name, projection_dim=8)
+    ours = text_encoder_from_transformers(reference)
+    ids = prompts(reference.config, length=7)  # shorter than the context
+    with torch.no_grad():
+        expected = F.normalize(reference(input_ids=ids).text_embeds, dim=-1)
+        assert (ours.embed(ids) - expected).abs().max() <= 1e-5
+
+
+def test_port_is_strict_and_refuses_other_activations():
+    reference = random_reference(CLIPTextModel, "quick_gelu")
+    reference.config.hidden_act = "relu"
+    with pytest.raises(ValueError, match="cannot port a text encoder with relu"):
+        text_encoder_from_transformers(reference)
+
+
+def test_sd_v1_text_encoder_has_123_060_480_parameters():
+    with torch.device("meta"):
+        ours = TextEncoder(TextEncoderConfig())
+        theirs = CLIPTextModel(  # SD v1's: openai/clip-vit-large-patch14's text
+            CLIPTextConfig(
+                hidden_size=768, intermediate_size=3072, num_attention_heads=12
+            )
+        )
+    count = sum(p.numel() for p in ours.parameters())
+    assert count == sum(p.numel() for p in theirs.parameters())
+    assert count == 123_060_480
+
+
+def test_the_causal_mask_hides_later_tokens():
+    torch.manual_seed(0)
+    config = TextEncoderConfig(
+        vocab_size=30,
+        max_position_embeddings=8,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        eos_token_id=29,
+    )
+    encoder = TextEncoder(config).eval()
+    a = torch.tensor([[28, 5, 6, 7, 29, 29]])
+    b = torch.tensor([[28, 5, 6, 9, 29, 29]])
+    with torch.no_grad():
+        ha, hb = encoder(a), encoder(b)
+    torch.testing.assert_close(ha[:, :3], hb[:, :3])  # before the change: equal
+    assert (ha[:, 3:] - hb[:, 3:]).abs().amax(dim=-1).min() > 1e-3  # after: differ
+    with pytest.raises(ValueError, match="do not fit the text encoder's 8 positions"):
+        encoder(torch.zeros(1, 9, dtype=torch.long))
+
+
+def tiny_clip():
+    torch.manual_seed(0)
+    text = TextEncoder(
+        TextEncoderConfig(
+            vocab_size=40,
+            max_position_embeddings=10,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            eos_token_id=39,
+            projection_dim=8,
+        )
+    )
+    image = ImageEncoder(ImageEncoderConfig(16, channels=(8, 16), projection_dim=8))
+    return CLIP(text, image)
+
+
+def test_image_encoder_gives_unit_vectors():
+    encoder = ImageEncoder(ImageEncoderConfig(image_size=32, channels=(8, 16, 16)))
+    embeddings = encoder(torch.rand(5, 3, 32, 32) * 2 - 1)
+    assert embeddings.shape == (5, 64)
+    torch.testing.assert_close(embeddings.norm(dim=-1), torch.ones(5))
+
+
+def test_contrastive_loss_equals_transformers():
+    from transformers.models.clip.modeling_clip import image_text_contrastive_loss
+
+    logits = torch.randn(6, 6, generator=torch.Generator().manual_seed(0)) * 5
+    torch.testing.assert_close(
+        contrastive_loss(logits), image_text_contrastive_loss(logits.T)
+    )
+    perfect = torch.eye(6) * 100
+    assert contrastive_loss(perfect) < 1e-6
+
+
+def test_clip_logits_are_scaled_cosines_and_the_temperature_learns():
+    clip = tiny_clip()
+    images = torch.rand(3, 3, 16, 16) * 2 - 1
+    ids = torch.randint(0, 39, (3, 10))
+    ids[:, 5] = 39
+    logits = clip(images, ids)
+    cosines = clip.image_encoder(images) @ clip.text_encoder.embed(ids).T
+    torch.testing.assert_close(logits, cosines / 0.07)
+    contrastive_loss(logits).backward()
+    assert clip.logit_scale.grad is not None and clip.logit_scale.grad != 0
