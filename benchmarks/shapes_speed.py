@@ -1,0 +1,105 @@
+"""How many Shapes images per second one CPU core makes (target: 2,000 at 32x32).
+
+    python benchmarks/shapes_speed.py [--seconds 3]
+
+Measures three ways of getting images, each on one thread after a warm-up:
+`ds[i]` one at a time, a DataLoader with batch_size=256 and `collate` (which renders
+each batch at once through `Shapes.__getitems__`), and `Shapes.batch`. Prints the
+machine and its load, since other processes on a shared machine slow it down.
+"""
+
+import argparse
+import os
+import platform
+import time
+
+import numpy as np
+import torch
+
+from sdscratch.data import Shapes, collate
+
+TARGET = 2000  # images per second at 32x32, one core
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as file:
+            names = [line.split(":", 1)[1] for line in file if "model name" in line]
+        cpu = names[0].strip() if names else cpu
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    versions = f"torch {torch.__version__}, numpy {np.__version__}"
+    return (
+        f"{cpu}, {os.cpu_count()} cores, load average {load}; "
+        f"Python {platform.python_version()}, {versions}"
+    )
+
+
+def rate(fetch, seconds) -> float:
+    """Images per second of `fetch(start) -> number of images`, over `seconds`."""
+    fetch(0)  # warm-up
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        done += fetch(done)
+    return done / (time.perf_counter() - start)
+
+
+def one_by_one(ds):
+    def fetch(start):
+        for i in range(start, start + 64):
+            ds[i % len(ds)]
+        return 64
+
+    return fetch
+
+
+def dataloader(ds, batch_size=256):
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=batch_size, shuffle=True, collate_fn=collate
+    )
+    batches = iter(loader)
+
+    def fetch(start):
+        nonlocal batches
+        try:
+            images, _, _ = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            images, _, _ = next(batches)
+        return len(images)
+
+    return fetch
+
+
+def batched(ds, batch_size=256):
+    def fetch(start):
+        indices = [(start + i) % len(ds) for i in range(batch_size)]
+        return len(ds.batch(indices)[0])
+
+    return fetch
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=3.0, help="per measurement")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    print(f"machine: {machine()}")
+    print("one thread (torch.set_num_threads(1)), DataLoader without workers")
+    for size in (32, 64):
+        ds = Shapes("train", size=size)
+        for name, fetch in [
+            ("ds[i], one at a time", one_by_one(ds)),
+            ("DataLoader(batch_size=256, collate_fn=collate)", dataloader(ds)),
+            ("Shapes.batch(256 indices)", batched(ds)),
+        ]:
+            images_per_second = rate(fetch, args.seconds)
+            print(f"{size}x{size}  {name:48s} {images_per_second:8,.0f} images/s")
+            if size == 32 and name.startswith("ds[i]"):
+                slowest = images_per_second
+    verdict = "meets" if slowest >= TARGET else "MISSES"
+    print(f"one at a time at 32x32 {verdict} the target of {TARGET:,} images/s")
+
+
+if __name__ == "__main__":
+    main()
