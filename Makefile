@@ -10,7 +10,7 @@ ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
 NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=600 \
          --nbval-sanitize-with tests/nbval_sanitize.cfg
 
-.PHONY: lab test lint lessons clean
+.PHONY: lab test lint lessons book chromium clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "sdscratch needs Python 3.11 or newer"'
@@ -23,8 +23,9 @@ $(STAMP): pyproject.toml constraints.txt
 lab: $(STAMP)
 	$(BIN)/jupyter lab --ServerApp.root_dir=lessons $(ROOT_FLAG) $(LAB_ARGS)
 
-## make test: lint, unit tests, and every lesson run top to bottom as a test
-test: $(STAMP)
+## make test: lint, unit tests, every lesson run top to bottom as a test, and the
+## course website built and opened in a headless Chromium
+test: $(STAMP) chromium
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -n 2 --dist loadscope $(NBVAL) tests lessons
 
@@ -32,9 +33,27 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 ## make lessons: re-execute every lesson and store its outputs in the notebook
+## (the kernel and settings of the test run); `make lessons LESSONS=lessons/01_x.ipynb`
 lessons: $(STAMP)
-	$(BIN)/jupyter nbconvert --to notebook --execute --inplace \
-	    --ExecutePreprocessor.timeout=600 lessons/*.ipynb
+	$(BIN)/python -m sdscratch book execute $(LESSONS)
+
+## make book: build the course website into _build/site (offline)
+book: $(STAMP)
+	$(BIN)/python -m sdscratch book build
+
+# The browser test opens the site in Debian's Chromium: install it if it is missing
+# (as root with apt-get, as on CI). Elsewhere the test says why it did not run.
+CHROMIUM := /usr/bin/chromium
+chromium:
+	@test -x $(CHROMIUM) || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "Installing Debian's chromium for the browser test of the website"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	        --no-install-recommends chromium >/dev/null \
+	    || echo "Installing chromium with apt-get failed, so the browser test cannot run (it fails on CI, is skipped elsewhere)."; \
+	  else \
+	    echo "Chromium ($(CHROMIUM)) is missing and cannot be installed here (that needs root and apt-get), so the browser test will be skipped."; \
+	  fi; }
 
 clean:
 	rm -rf $(VENV) _build .pytest_cache .ruff_cache

@@ -2,10 +2,12 @@
 
 import os
 
+from sdscratch.book import OFFLINE_ENVIRONMENT
+
 # Lessons and tests never reach the network: the Hugging Face libraries must not try.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# (`make lessons` runs the lessons in the same environment.)
+for name, value in OFFLINE_ENVIRONMENT.items():
+    os.environ.setdefault(name, value)
 
 
 def pytest_collectstart(collector):

@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from sdscratch.book import ROOT, header_markdown, links, load_book, setup_code
+from sdscratch.book import (
+    ROOT,
+    book_lessons,
+    header_markdown,
+    links,
+    load_book,
+    setup_code,
+)
 
 LESSONS = sorted((ROOT / "lessons").glob("*.ipynb"))
 BOOK = load_book()
@@ -27,7 +34,7 @@ def source(cell: dict) -> str:
 
 
 def test_book_lists_exactly_the_lessons_in_order():
-    listed = [lesson["file"] for lesson in LISTED]
+    listed = [lesson["file"] for lesson in book_lessons(BOOK)]  # or a clear BookError
     assert listed == [path.name for path in LESSONS]
 
 
@@ -57,3 +64,13 @@ def test_lesson_has_stored_outputs_and_no_stored_error(path):
     for cell in code:
         for output in cell.get("outputs", []):
             assert output["output_type"] != "error", f"stored error in:\n{source(cell)}"
+
+
+@pytest.mark.parametrize("path", LESSONS, ids=lambda p: p.name)
+def test_lesson_outputs_come_from_one_run_top_to_bottom(path):
+    """Cells ran 1, 2, 3, ... in order: the stored outputs are one fresh run's."""
+    code = [cell for cell in cells(path) if cell["cell_type"] == "code"]
+    counts = [cell.get("execution_count") for cell in code if source(cell).strip()]
+    assert counts == list(range(1, len(counts) + 1)), (
+        f"cells ran out of order or not at all ({counts}): run `make lessons`"
+    )
