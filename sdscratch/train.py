@@ -48,7 +48,9 @@ def fit(
     Args:
         model: the module whose parameters are trained (set to train mode).
         loss_fn: `loss_fn(model, batch) -> scalar tensor`.
-        batches: an iterable of batches; cycled if shorter than `steps`.
+        batches: a list or DataLoader of batches, iterated again as often as
+            `steps` needs (a shuffling DataLoader reshuffles), or a generator that
+            yields at least `steps` batches.
         lr: peak learning rate, reached after `warmup` steps, cosine decay after.
         ema: an `EMA` of the model, updated after every step.
         grad_clip: clip the gradient norm to this (None: no clipping).
@@ -61,7 +63,7 @@ def fit(
     )
     losses = []
     bar = tqdm(
-        itertools.islice(itertools.cycle(batches), steps),
+        itertools.islice(_repeat(batches), steps),
         total=steps,
         desc=desc,
         disable=not progress,
@@ -81,6 +83,24 @@ def fit(
             bar.set_postfix(loss=f"{sum(losses[-20:]) / 20:.4f}")
     model.eval()
     return losses
+
+
+def _repeat(batches):
+    """Yield from `batches` again and again, without keeping its batches in memory.
+
+    (`itertools.cycle` keeps a copy of every batch it has yielded: with a DataLoader
+    that draws images on the fly, memory would grow by one batch per step.)
+    """
+    if iter(batches) is batches:  # a generator cannot restart: it must last
+        yield from batches
+        raise ValueError("fit() ran out of batches: give a list or a DataLoader.")
+    while True:
+        empty = True
+        for batch in batches:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("fit() got no batches to train on.")
 
 
 def _lr_factor(step, steps, warmup):
