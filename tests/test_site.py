@@ -95,6 +95,7 @@ def open_page(browser, url: str, screenshot: Path | None = None):
         errors.append(f"HTTP {response and response.status}")
     if page.evaluate("() => window.MathJax !== undefined"):
         page.evaluate("() => new Promise(done => MathJax.Hub.Queue(done))")
+    page.wait_for_load_state("networkidle")  # fonts and images asked for late
     broken = page.evaluate("""() => [...document.images]
         .filter(image => !(image.complete && image.naturalWidth > 0))
         .map(image => image.getAttribute('src').slice(0, 60))""")
@@ -193,7 +194,12 @@ def site_problems(browser, root: Path, out: Path, screenshots=None, only=None):
 
 def test_the_course_website_works_in_a_browser(browser):
     out = build(ROOT, ROOT / "_build" / "site")
-    assert site_problems(browser, ROOT, out, ROOT / "_build" / "screenshots") == []
+    shots = ROOT / "_build" / "screenshots"
+    for old in shots.glob("*.png"):
+        old.unlink()
+    assert site_problems(browser, ROOT, out, shots) == []
+    assert (shots / "index.png").is_file()
+    assert (shots / "lesson.png").is_file() or not load_book().get("lesson")
 
 
 @pytest.fixture(scope="module")
