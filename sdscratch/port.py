@@ -149,3 +149,134 @@ def text_encoder_from_transformers(model):
         state[key] = value.clone()  # a copy, not a view of the reference's weights
     text_encoder.load_state_dict(state, strict=True, assign=True)
     return text_encoder.to(parameter.device, parameter.dtype).eval()
+
+
+# ---------------------------------------------------------------------------------
+# The UNet: diffusers' UNet2DConditionModel -> sdscratch.unet.UNet
+# ---------------------------------------------------------------------------------
+
+UNET_RENAMES = {  # diffusers name: sdscratch name
+    "to_out.0": "to_out",  # diffusers: a list [Linear, Dropout]
+    "ff.net.0.proj": "ff.geglu.proj",  # diffusers: ff.net = [GEGLU, Dropout, Linear]
+    "ff.net.2": "ff.out",
+    "downsamplers.0": "downsample",  # diffusers: a list holding one module
+    "upsamplers.0": "upsample",
+}
+
+UNET_FIXED = {  # diffusers options that SD v1 (and sdscratch) keep at these values
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "center_input_sample": False,
+    "act_fn": "silu",
+    "norm_eps": 1e-5,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "transformer_layers_per_block": 1,
+    "only_cross_attention": False,
+    "dual_cross_attention": False,
+    "time_embedding_type": "positional",
+    "time_embedding_dim": None,
+    "timestep_post_act": None,
+    "time_cond_proj_dim": None,
+    "class_embed_type": None,
+    "num_class_embeds": None,
+    "addition_embed_type": None,
+    "encoder_hid_dim": None,
+    "resnet_time_scale_shift": "default",
+    "resnet_skip_time_act": False,
+    "resnet_out_scale_factor": 1.0,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "attention_type": "default",
+    "cross_attention_norm": None,
+}
+
+
+def unet_config_from_diffusers(config):
+    """The `UNetConfig` of a diffusers `UNet2DConditionModel` config (a dict)."""
+    from sdscratch.unet import UNetConfig
+
+    config = dict(config)
+    _require(config, UNET_FIXED, "UNet")
+    down, up = list(config["down_block_types"]), list(config["up_block_types"])
+    attention = [kind == "CrossAttnDownBlock2D" for kind in down]
+    mirrored = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)]
+    known = {"CrossAttnDownBlock2D", "DownBlock2D"}
+    if set(down) - known or up != mirrored:
+        raise ValueError(f"sdscratch cannot port blocks {down} / {up}.")
+    mid = config.get("mid_block_type", "UNetMidBlock2DCrossAttn")
+    if mid not in ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D"):
+        raise ValueError(f"sdscratch cannot port a mid block {mid!r}.")
+    mid_attention = mid == "UNetMidBlock2DCrossAttn"
+    # diffusers' attention_head_dim is, for SD v1, really the number of heads.
+    heads = config.get("num_attention_heads") or config["attention_head_dim"]
+    cross = config["cross_attention_dim"]
+    return UNetConfig(
+        in_channels=config["in_channels"],
+        out_channels=config["out_channels"],
+        sample_size=config["sample_size"],
+        block_out_channels=tuple(config["block_out_channels"]),
+        layers_per_block=_same(config["layers_per_block"], "layers_per_block"),
+        attention_levels=tuple(attention),
+        mid_attention=mid_attention,
+        cross_attention_dim=_same(cross, "cross_attention_dim")
+        if any(attention) or mid_attention
+        else None,
+        num_heads=_same(heads, "heads"),
+        norm_num_groups=config["norm_num_groups"],
+        projection="linear" if config.get("use_linear_projection") else "conv",
+    )
+
+
+def unet_state_dict_from_diffusers(state: dict) -> dict:
+    """Rename a `UNet2DConditionModel` state dict into `UNet`'s names (tensors shared).
+
+    Renames whole dotted parts: "attn1.to_out.0.weight" -> "attn1.to_out.weight".
+    """
+    renamed = {}
+    for name, tensor in state.items():
+        ours = f".{name}."
+        for old, new in UNET_RENAMES.items():
+            ours = ours.replace(f".{old}.", f".{new}.")
+        renamed[ours[1:-1]] = tensor
+    return renamed
+
+
+def unet_from_diffusers(model):
+    """Port a diffusers `UNet2DConditionModel` into an equal sdscratch `UNet`.
+
+    Args:
+        model: the diffusers model (e.g. `UNet2DConditionModel.from_pretrained(
+            "stable-diffusion-v1-5/stable-diffusion-v1-5", subfolder="unet")`).
+    Returns:
+        A `UNet` in eval mode with the same weights, dtype and device.
+    """
+    from sdscratch.unet import UNet
+
+    parameter = next(model.parameters())
+    with torch.device("meta"):
+        unet = UNet(unet_config_from_diffusers(model.config))
+    state = unet_state_dict_from_diffusers(model.state_dict())
+    state = {key: value.clone() for key, value in state.items()}  # a copy, not a view
+    unet.load_state_dict(state, strict=True, assign=True)
+    return unet.to(parameter.device, parameter.dtype).eval()
+
+
+def _require(config, expected, what):
+    """Refuse a reference config with options sdscratch does not build."""
+    wrong = {
+        key: config.get(key)
+        for key, value in expected.items()
+        if config.get(key, value) != value
+    }
+    if wrong:
+        raise ValueError(f"sdscratch cannot port a {what} with {wrong}.")
+
+
+def _same(value, name):
+    """One value for all levels: an int, or a list/tuple of equal ints."""
+    if isinstance(value, (list, tuple)):
+        if len(set(value)) != 1:
+            raise ValueError(f"sdscratch uses one {name} for all levels, got {value}.")
+        value = value[0]
+    return value
