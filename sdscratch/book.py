@@ -173,8 +173,8 @@ def static_outputs(nb, page: dict) -> None:
     """Make a lesson's stored outputs and badges work on a static, offline page.
 
     Widgets become text (a tqdm bar shows where it ended, other widgets say that
-    they need the notebook), and the Colab/Kaggle badge images become local files,
-    with a download badge for the notebook beside them.
+    they need the notebook, closed ones are left out), and the Colab/Kaggle badge
+    images become local files, with a download badge for the notebook beside them.
     """
     widgets = nb.metadata.pop("widgets", {})
     state = widgets.get("application/vnd.jupyter.widget-state+json", {})
@@ -185,12 +185,18 @@ def static_outputs(nb, page: dict) -> None:
             source = cell.source.replace(COLAB_BADGE, "colab-badge.svg")
             source = source.replace(KAGGLE_BADGE, "kaggle-badge.svg")
             cell.source = source
+        outputs = []
         for output in cell.get("outputs", []):
             if view in output.get("data", {}):
                 model_id = output.data.pop(view)["model_id"]
+                if model_id not in state:
+                    continue  # closed, as a tqdm bar with leave=False: gone in Jupyter
                 text = widget_text(model_id, state)
                 output.data = {"text/plain": text or "(an interactive widget: open the"
                                " notebook in Jupyter, Colab or Kaggle to use it)"}
+            outputs.append(output)
+        if cell.cell_type == "code":
+            cell.outputs = outputs
     download = f"[![Download the notebook](download-badge.svg)]({page['notebook']})"
     nb.cells[0].source += " " + download
     nb.metadata["title"] = page["title"]

@@ -76,6 +76,21 @@ def test_a_progress_bar_shows_where_it_ended_and_the_badges_are_local(tiny_book)
     assert "(download-badge.svg)](01_lesson_1.ipynb)" in nb.cells[0].source
 
 
+def test_a_closed_widget_is_left_out_and_a_live_one_is_named(tiny_book):
+    nb = nbformat.read(tiny_book / "lessons" / "01_lesson_1.ipynb", as_version=4)
+    closed = nbformat.from_dict(nb.cells[4].outputs[0])
+    closed.data["application/vnd.jupyter.widget-view+json"]["model_id"] = "gone"
+    slider = nbformat.from_dict(nb.cells[4].outputs[0])
+    slider.data["application/vnd.jupyter.widget-view+json"]["model_id"] = "slider"
+    state = nb.metadata.widgets["application/vnd.jupyter.widget-state+json"]["state"]
+    state["slider"] = {"model_name": "IntSliderModel", "state": {"value": 3}}
+    nb.cells[4].outputs = [closed, slider]
+    static_outputs(nb, {"notebook": "01_lesson_1.ipynb", "title": "Adding noise"})
+    assert [output.data["text/plain"] for output in nb.cells[4].outputs] == [
+        "(an interactive widget: open the notebook in Jupyter, Colab or Kaggle to "
+        "use it)"]
+
+
 def test_a_widget_that_is_not_a_progress_bar_is_not_text():
     state = {"slider": {"model_name": "IntSliderModel", "state": {"value": 3}}}
     assert widget_text("slider", state) is None
