@@ -14,7 +14,7 @@ from sdscratch.book import header_markdown, load_book, setup_code
 MATH = (
     "The forward process adds noise: $x_t = \\sqrt{\\bar\\alpha_t}\\, x_0 + "
     "\\sqrt{1 - \\bar\\alpha_t}\\, \\epsilon$, and\n\n"
-    "$$\\bar\\alpha_t = \\prod_{s=1}^{t} (1 - \\beta_s).$$"
+    "$$\\bar\\alpha_t = \\prod_{s=1}^{t} (1 - \\beta_s), \\quad \\mathcal N(0, I).$$"
 )
 
 
