@@ -75,7 +75,9 @@ def image_grid(
             continue
         ax.imshow(pixels[i], interpolation="nearest")
         if captions is not None:
-            ax.set_title(_wrap(captions[i], size), fontsize=fontsize, y=-0.02, va="top")
+            ax.set_title(
+                _wrap(captions[i], size), fontsize=fontsize, y=-0.02, va="top", pad=0
+            )
     if title:
         fig.suptitle(title)
     fig.tight_layout()

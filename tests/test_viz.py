@@ -41,3 +41,13 @@ def test_image_grid_draws_every_image_and_caption():
 def test_image_grid_needs_one_caption_per_image():
     with pytest.raises(ValueError, match="Got 1 captions for 3 images"):
         image_grid(torch.zeros(3, 3, 4, 4), ["only one"])
+
+
+def test_image_grid_captions_sit_below_their_images():
+    fig = image_grid(torch.zeros(2, 3, 8, 8), ["one", "two"], size=1.1)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        if ax.images:
+            image_bottom = ax.get_window_extent(renderer).y0
+            assert ax.title.get_window_extent(renderer).y1 <= image_bottom + 0.5
