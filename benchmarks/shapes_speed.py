@@ -35,13 +35,17 @@ def machine() -> str:
     )
 
 
-def rate(fetch, seconds) -> float:
-    """Images per second of `fetch(start) -> number of images`, over `seconds`."""
+def rate(fetch, seconds) -> tuple[float, float]:
+    """Images per wall-clock second and per CPU second of `fetch(start) -> count`.
+
+    On an idle machine the two agree; when other processes compete for the cores,
+    images per CPU second still say what one core of our own would do.
+    """
     fetch(0)  # warm-up
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
+    done, wall, cpu = 0, time.perf_counter(), time.process_time()
+    while time.perf_counter() - wall < seconds:
         done += fetch(done)
-    return done / (time.perf_counter() - start)
+    return done / (time.perf_counter() - wall), done / (time.process_time() - cpu)
 
 
 def one_by_one(ds):
@@ -86,6 +90,8 @@ def main():
     torch.set_num_threads(1)
     print(f"machine: {machine()}")
     print("one thread (torch.set_num_threads(1)), DataLoader without workers")
+    print(f"{'':56s} {'images/s':>9s} {'per CPU s':>10s}")
+    results = {}
     for size in (32, 64):
         ds = Shapes("train", size=size)
         for name, fetch in [
@@ -93,12 +99,12 @@ def main():
             ("DataLoader(batch_size=256, collate_fn=collate)", dataloader(ds)),
             ("Shapes.batch(256 indices)", batched(ds)),
         ]:
-            images_per_second = rate(fetch, args.seconds)
-            print(f"{size}x{size}  {name:48s} {images_per_second:8,.0f} images/s")
-            if size == 32 and name.startswith("ds[i]"):
-                slowest = images_per_second
-    verdict = "meets" if slowest >= TARGET else "MISSES"
-    print(f"one at a time at 32x32 {verdict} the target of {TARGET:,} images/s")
+            wall, cpu = results[size, name] = rate(fetch, args.seconds)
+            print(f"{size}x{size}  {name:48s} {wall:9,.0f} {cpu:10,.0f}")
+    for (size, name), (wall, cpu) in results.items():
+        if size == 32 and not name.startswith("Shapes.batch"):
+            verdict = "meets" if wall >= TARGET else "misses"
+            print(f"32x32 {name}: {verdict} the target of {TARGET:,} images/s")
 
 
 if __name__ == "__main__":
