@@ -30,6 +30,8 @@ OFFLINE_ENVIRONMENT = {
     "TRANSFORMERS_OFFLINE": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",
 }
+WIDGET_NOTE = ("(interactive in the notebook, on Jupyter, Colab or Kaggle; "
+               "here, what it showed when the lesson ran)")
 SITE_MARKER = ".sdscratch-site"  # marks a folder that `build` may replace
 
 
@@ -169,13 +171,27 @@ def widget_text(model_id: str, state: dict) -> str | None:
     return f"{text(left)}|{'█' * filled}{' ' * (10 - filled)}|{text(right)}"
 
 
+def widget_outputs(model_id: str, state: dict) -> list[dict]:
+    """What a widget's Output areas held when the lesson ran (`interact`'s plot)."""
+    model = state.get(model_id, {})
+    if model.get("model_name") == "OutputModel":
+        return list(model["state"].get("outputs", []))
+    found = []
+    for ref in model.get("state", {}).get("children", []):
+        found += widget_outputs(ref.removeprefix("IPY_MODEL_"), state)
+    return found
+
+
 def static_outputs(nb, page: dict) -> None:
     """Make a lesson's stored outputs and badges work on a static, offline page.
 
-    Widgets become text (a tqdm bar shows where it ended, other widgets say that
-    they need the notebook, closed ones are left out), and the Colab/Kaggle badge
-    images become local files, with a download badge for the notebook beside them.
+    Widgets become text (a tqdm bar shows where it ended; an interactive widget says
+    that it needs the notebook, followed by what it showed when the lesson ran; a
+    closed one is left out), and the Colab/Kaggle badge images become local files,
+    with a download badge for the notebook beside them.
     """
+    import nbformat
+
     widgets = nb.metadata.pop("widgets", {})
     state = widgets.get("application/vnd.jupyter.widget-state+json", {})
     state = state.get("state", {})
@@ -192,8 +208,12 @@ def static_outputs(nb, page: dict) -> None:
                 if model_id not in state:
                     continue  # closed, as a tqdm bar with leave=False: gone in Jupyter
                 text = widget_text(model_id, state)
-                output.data = {"text/plain": text or "(an interactive widget: open the"
-                               " notebook in Jupyter, Colab or Kaggle to use it)"}
+                if text is None:  # interactive: a note, then what it showed at first
+                    output.data = {"text/plain": WIDGET_NOTE}
+                    outputs.append(output)
+                    outputs += map(nbformat.from_dict, widget_outputs(model_id, state))
+                    continue
+                output.data = {"text/plain": text}
             outputs.append(output)
         if cell.cell_type == "code":
             cell.outputs = outputs
@@ -329,6 +349,8 @@ def execute(paths=None, root: Path = ROOT, timeout: int = 600) -> list[Path]:
         book = load_book(root / "book.toml")
         lessons = book_lessons(book, root)
         paths = [root / "lessons" / lesson["file"] for lesson in lessons]
+        if not paths:
+            print("book.toml lists no lessons yet: nothing to run")
     for name, value in OFFLINE_ENVIRONMENT.items():
         os.environ.setdefault(name, value)
     done = []

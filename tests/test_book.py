@@ -9,6 +9,7 @@ import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
 from sdscratch.book import (
+    WIDGET_NOTE,
     BookError,
     book_lessons,
     build,
@@ -76,19 +77,23 @@ def test_a_progress_bar_shows_where_it_ended_and_the_badges_are_local(tiny_book)
     assert "(download-badge.svg)](01_lesson_1.ipynb)" in nb.cells[0].source
 
 
-def test_a_closed_widget_is_left_out_and_a_live_one_is_named(tiny_book):
+def test_a_closed_widget_is_left_out_and_a_live_one_shows_what_it_showed(tiny_book):
     nb = nbformat.read(tiny_book / "lessons" / "01_lesson_1.ipynb", as_version=4)
     closed = nbformat.from_dict(nb.cells[4].outputs[0])
     closed.data["application/vnd.jupyter.widget-view+json"]["model_id"] = "gone"
-    slider = nbformat.from_dict(nb.cells[4].outputs[0])
-    slider.data["application/vnd.jupyter.widget-view+json"]["model_id"] = "slider"
+    live = nbformat.from_dict(nb.cells[4].outputs[0])
+    live.data["application/vnd.jupyter.widget-view+json"]["model_id"] = "interact"
+    picture = nb.cells[3].outputs[0]
     state = nb.metadata.widgets["application/vnd.jupyter.widget-state+json"]["state"]
+    state["interact"] = {"model_name": "VBoxModel", "state": {"children": [
+        "IPY_MODEL_slider", "IPY_MODEL_plot"]}}
     state["slider"] = {"model_name": "IntSliderModel", "state": {"value": 3}}
-    nb.cells[4].outputs = [closed, slider]
+    state["plot"] = {"model_name": "OutputModel", "state": {"outputs": [picture]}}
+    nb.cells[4].outputs = [closed, live]
     static_outputs(nb, {"notebook": "01_lesson_1.ipynb", "title": "Adding noise"})
-    assert [output.data["text/plain"] for output in nb.cells[4].outputs] == [
-        "(an interactive widget: open the notebook in Jupyter, Colab or Kaggle to "
-        "use it)"]
+    note, shown = nb.cells[4].outputs
+    assert note.data == {"text/plain": WIDGET_NOTE}
+    assert shown == picture
 
 
 def test_a_widget_that_is_not_a_progress_bar_is_not_text():
