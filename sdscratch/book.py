@@ -233,11 +233,12 @@ def copy_static(out: Path) -> None:
     shutil.copytree(mathjax, out / "mathjax")
 
 
-def readme_intro(root: Path, site: dict, out: Path) -> str:
+def readme_intro(root: Path, site: dict, out: Path) -> tuple[str, str]:
     """The README up to its lesson table, as HTML: the course's introduction.
 
-    Relative links point to the repository on GitHub; relative images are copied
-    into the site, so that both work there.
+    Returns its opening (before the first `##` section) and the sections after it,
+    so that the index can list the lessons in between. Relative links point to the
+    repository on GitHub; relative images are copied into the site.
     """
     from nbconvert.filters import markdown2html
 
@@ -254,7 +255,9 @@ def readme_intro(root: Path, site: dict, out: Path) -> str:
             return match[0]
         return f"[{label}]({site['repository']}/blob/main/{target})"
 
-    return markdown2html(re.sub(r"(!?)\[([^\]]*)\]\(([^)\s]+)\)", relative, text))
+    text = re.sub(r"(!?)\[([^\]]*)\]\(([^)\s]+)\)", relative, text)
+    opening, _, sections = text.partition("\n## ")
+    return markdown2html(opening), markdown2html("## " + sections if sections else "")
 
 
 def fresh_site_folder(out: Path) -> Path:
@@ -313,8 +316,9 @@ def build(root: Path = ROOT, out: Path | None = None) -> Path:
         loader=jinja2.FileSystemLoader(templates / "sdscratch"), autoescape=False
     )
     home = environment.get_template("home.html.j2")
-    intro = readme_intro(root, site, out)
-    (out / "index.html").write_text(home.render(site=site, intro=intro))
+    opening, sections = readme_intro(root, site, out)
+    page = home.render(site=site, opening=opening, sections=sections)
+    (out / "index.html").write_text(page)
     return out
 
 
