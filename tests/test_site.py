@@ -27,7 +27,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update",
          "--disable-sync"]
-TIMEOUT_MS = 20_000  # any one wait in the browser
+TIMEOUT_MS = 60_000  # any one wait in the browser (the machine may be busy)
 TEX_LEFT_AS_TEXT = re.compile(r"\$\$|\\\(|\\\[|\$[^$\n]*\\[A-Za-z]+[^$\n]*\$")
 
 
