@@ -1,0 +1,345 @@
+import json
+import warnings
+
+import numpy as np
+import pytest
+import scipy.linalg
+import scipy.ndimage
+import torch
+
+from sdscratch import assets_dir
+from sdscratch.data import Shapes, parse_caption, render, render_batch, strip_geometry
+from sdscratch.metrics import (
+    SLOTS,
+    Judge,
+    JudgeConfig,
+    attribute_accuracy,
+    bundled_judge,
+    canonical,
+    check,
+    clip_score,
+    degrade,
+    evaluate_samples,
+    evaluation_prompts,
+    fid_floor,
+    frechet_distance,
+    gaussian_blur,
+    image_features,
+    prompt_accuracy,
+    real_features,
+    real_images,
+    slot_targets,
+)
+from sdscratch.recipes import run_recipe
+from sdscratch.viz import to_pil
+
+JUDGE = assets_dir() / "models" / "shapes-judge"
+CLIP = assets_dir() / "models" / "shapes-clip"
+needs_judge = pytest.mark.skipif(not JUDGE.is_dir(), reason="no bundled shapes-judge")
+needs_clip = pytest.mark.skipif(not CLIP.is_dir(), reason="no bundled shapes-clip")
+
+
+def scene(text: str) -> dict:
+    """attrs with geometry at the positions' centres, from a caption."""
+    return parse_caption(text)
+
+
+# ----------------------------------------------------------------------------------
+# FID against the formula with scipy.linalg.sqrtm (pytorch-fid's implementation)
+
+
+def scipy_fid(a: np.ndarray, b: np.ndarray) -> float:
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    with warnings.catch_warnings():  # singular products: scipy warns, still answers
+        warnings.simplefilter("ignore")
+        root = scipy.linalg.sqrtm(cov_a @ cov_b)
+    root = root.real if np.iscomplexobj(root) else root
+    diff = mu_a - mu_b
+    return diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(root)
+
+
+def feature_sets(seed, n, m, d, rank=None):
+    """Two sets of correlated Gaussian features; `rank`: both live in a subspace."""
+    rng = np.random.default_rng(seed)
+    k = rank or d
+    a = rng.normal(size=(n, k)) @ rng.normal(size=(k, d))
+    b = 0.8 * rng.normal(size=(m, k)) @ rng.normal(size=(k, d)) + 0.3
+    return a, b
+
+
+@pytest.mark.parametrize(
+    "n, m, d, rank",
+    [
+        (2000, 1500, 16, None),  # well conditioned
+        (300, 500, 64, None),
+        (50, 80, 64, None),  # N < D: singular covariances
+        (30, 40, 128, None),
+        (20, 20, 32, None),
+        (500, 400, 64, 5),  # rank 5 in 64 dimensions
+    ],
+)
+def test_frechet_distance_matches_scipy_sqrtm(n, m, d, rank):
+    a, b = feature_sets(n + d, n, m, d, rank)
+    expected = scipy_fid(a, b)
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
+    assert frechet_distance(torch.from_numpy(a).float(), b) == pytest.approx(
+        scipy_fid(a.astype(np.float32).astype(np.float64), b), rel=1e-6
+    )
+
+
+def test_frechet_distance_of_a_set_with_itself_is_zero_and_is_symmetric():
+    a, b = feature_sets(0, 200, 300, 24)
+    assert abs(frechet_distance(a, a)) < 1e-8
+    assert frechet_distance(a, b) == pytest.approx(frechet_distance(b, a), rel=1e-9)
+
+
+def test_frechet_distance_of_known_gaussians():
+    # Diagonal covariances commute: d² = ‖μ_a − μ_b‖² + Σ (σ_a − σ_b)².
+    a = np.random.default_rng(1).normal(size=(400, 3))
+    a -= a.mean(0)
+    white = np.linalg.cholesky(np.cov(a, rowvar=False))
+    a = a @ np.linalg.inv(white).T  # sample covariance exactly I
+    b = a * np.array([2.0, 1.0, 0.5]) + np.array([1.0, 0.0, 0.0])
+    assert frechet_distance(a, b) == pytest.approx(1.0 + 1.0 + 0.0 + 0.25, rel=1e-9)
+
+
+def test_frechet_distance_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="must be"):
+        frechet_distance(np.zeros((5, 3)), np.zeros((5, 4)))
+    with pytest.raises(ValueError, match="at least two"):
+        frechet_distance(np.zeros((1, 3)), np.zeros((5, 3)))
+
+
+# ----------------------------------------------------------------------------------
+# What the judge is asked: slots, canonical attrs
+
+
+def test_a_relation_and_its_reverse_ask_the_same_of_the_judge():
+    above = scene("a large red circle above a small blue square")
+    below = scene("a small blue square below a large red circle")
+    for name, value in slot_targets([above]).items():
+        assert torch.equal(value, slot_targets([below])[name])
+    assert canonical(below) == canonical(above) == strip_geometry(above)
+    right = scene("a small blue square right of a large red circle")
+    assert canonical(right)["relation"] == "left of"
+    assert canonical(right)["objects"][0]["shape"] == "circle"
+
+
+def test_slot_targets_mark_the_occupied_positions():
+    targets = slot_targets(
+        ["a small red circle on the left", scene("a big blue star at the top")]
+    )
+    assert targets["present"].tolist() == [
+        [int(slot == "left") for slot in SLOTS],
+        [int(slot == "top") for slot in SLOTS],
+    ]
+    assert targets["shape"][0, SLOTS.index("right")] == -100  # empty: ignored
+
+
+def test_gaussian_blur_matches_scipy():
+    images = Shapes("val").batch(range(3))[0]
+    sigma = torch.tensor([0.0, 0.5, 0.8])
+    blurred = gaussian_blur(images, sigma)
+    torch.testing.assert_close(blurred[0], images[0], rtol=0, atol=1e-6)
+    for i in (1, 2):
+        s = sigma[i].item()
+        expected = scipy.ndimage.gaussian_filter(
+            images[i].double().numpy(), (0, s, s), mode="nearest", truncate=2 / s
+        )
+        torch.testing.assert_close(
+            blurred[i].double(), torch.from_numpy(expected), atol=1e-5, rtol=0
+        )
+
+
+def test_degrade_is_mild_and_seeded():
+    images = Shapes("val").batch(range(16))[0]
+    a = degrade(images, torch.Generator().manual_seed(0))
+    b = degrade(images, torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and a.shape == images.shape
+    assert 0 < (a - images).abs().mean() < 0.1 and a.abs().max() <= 1
+
+
+# ----------------------------------------------------------------------------------
+# Prompt accuracy: the logic, with an oracle that reads the true attributes
+
+
+class Oracle(Judge):
+    """A judge that reads, for image i, exactly the scene it was given for i."""
+
+    def __init__(self, scenes):
+        super().__init__(JudgeConfig())
+        self.truth = slot_targets(scenes)
+
+    def read(self, images):
+        return {name: t[: len(images)] for name, t in self.truth.items()}
+
+
+def test_prompt_accuracy_counts_every_wrong_attribute():
+    truth = ["a large red circle above a small blue square"] * 6
+    asked = [
+        "a large red circle above a small blue square",  # right
+        "a small blue square below a large red circle",  # the same picture
+        "a large blue circle above a small red square",  # colours bound wrongly
+        "a large red circle above a large blue square",  # wrong size
+        "a large red circle left of a small blue square",  # wrong relation
+        "a large red circle at the top",  # one object asked, two shown
+    ]
+    oracle = Oracle(truth)
+    right = check(torch.zeros(6, 3, 32, 32), asked, oracle)
+    assert right["scene"].tolist() == [True, True, False, False, False, False]
+    assert right["colour"].tolist() == [True, True, False, True, False, True]
+    assert right["size"].tolist() == [True, True, True, False, False, True]
+    assert right["shape"].tolist() == [True, True, True, True, False, True]
+    assert right["position"].tolist() == [True, True, True, True, False, False]
+    assert prompt_accuracy(torch.zeros(6, 3, 32, 32), asked, oracle) == 2 / 6
+    accuracy = attribute_accuracy(torch.zeros(6, 3, 32, 32), asked, oracle)
+    assert accuracy["colour"] == pytest.approx(4 / 6)
+
+
+# ----------------------------------------------------------------------------------
+# The bundled judge on real images it never saw
+
+
+@needs_judge
+def test_bundled_judge_reads_held_out_images():
+    images, _, scenes = real_images(2000, "test", offset=5000)
+    accuracy = attribute_accuracy(images, scenes)
+    assert min(accuracy.values()) >= 0.99, accuracy
+    degraded = degrade(images, torch.Generator().manual_seed(5))
+    assert attribute_accuracy(degraded, scenes)["scene"] >= 0.98
+    manifest = json.loads((JUDGE / "MANIFEST.json").read_text())
+    assert min(manifest["quality"]["heldout_accuracy"].values()) >= 0.99
+    assert sum(p.stat().st_size for p in JUDGE.rglob("*")) <= 1_000_000
+
+
+@needs_judge
+def test_bundled_judge_on_constructed_scenes_pil_and_64_pixels():
+    truth = [
+        "a large red circle above a small blue square",
+        "a little green star on the right",
+    ]
+    images = render_batch([scene(t) for t in truth])
+    asked = [
+        "a small blue square below a large red circle",
+        "a small green star at the left",
+    ]
+    assert check(images, asked)["scene"].tolist() == [True, False]
+    assert check(to_pil(images), asked)["position"].tolist() == [True, False]
+    big = torch.stack([render(scene(t), size=64) for t in truth])
+    assert prompt_accuracy(big, truth) == 1.0
+    predicted = bundled_judge().predict(images)
+    assert predicted == [canonical(scene(t)) for t in truth]
+
+
+@needs_judge
+def test_perfect_generator_scores_the_floor():
+    captions, scenes = evaluation_prompts(64)
+    images, _, _ = real_images(64, "test")  # what the prompts describe, drawn exactly
+    clip = tiny_clip()
+    result = evaluate_samples(images, captions, scenes, clip=clip)
+    assert (
+        result["prompt_accuracy_one_object"]
+        == result["prompt_accuracy_two_objects"]
+        == 1
+    )
+    assert result["fid"] == pytest.approx(fid_floor(64), rel=1e-9)
+    assert result["clip_score"] == pytest.approx(clip_score(images, captions, clip))
+    features = image_features(images)
+    assert features.shape == (64, JudgeConfig().hidden)
+    torch.testing.assert_close(features, real_features(64, "test"))
+
+
+# ----------------------------------------------------------------------------------
+# Prompts
+
+
+def test_evaluation_prompts_are_canonical_captions_of_the_split():
+    captions, scenes = evaluation_prompts(20, objects=2)
+    assert len(captions) == 20 and all(len(s["objects"]) == 2 for s in scenes)
+    assert all(parse_caption(c) == s for c, s in zip(captions, scenes))
+    captions, scenes = evaluation_prompts(10)
+    assert scenes == [strip_geometry(Shapes("test").scene(i)[1]) for i in range(10)]
+    with pytest.raises(ValueError, match="only"):
+        evaluation_prompts(6000, objects=1)  # about half of 10,000
+
+
+# ----------------------------------------------------------------------------------
+# CLIP score
+
+
+def tiny_clip():
+    """A small randomly initialised CLIP with a tokenizer trained on captions."""
+    from sdscratch.clip import (
+        CLIP,
+        ImageEncoder,
+        ImageEncoderConfig,
+        TextEncoder,
+        TextEncoderConfig,
+    )
+    from sdscratch.tokenizer import train_bpe
+
+    captions = [Shapes("train").scene(i)[0] for i in range(200)]
+    tokenizer = train_bpe(captions, vocab_size=600, context_length=24)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        text = TextEncoder(
+            TextEncoderConfig(
+                vocab_size=len(tokenizer),
+                max_position_embeddings=24,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                eos_token_id=len(tokenizer) - 1,
+                projection_dim=16,
+            )
+        )
+        image = ImageEncoder(ImageEncoderConfig(channels=(8, 16), projection_dim=16))
+    return CLIP(text, image, tokenizer).eval()
+
+
+def test_clip_score_is_100_times_the_clamped_cosine_of_each_pair():
+    clip = tiny_clip()
+    images, captions, _ = real_images(12, "val")
+    cos = clip.similarity(images, captions).diagonal()  # (12,)
+    assert (cos < 0).any() and (cos > 0).any()  # so that clamping matters
+    expected = (100 * cos.clamp(min=0)).mean().item()
+    assert clip_score(images, captions, clip) == pytest.approx(expected, rel=1e-5)
+    assert clip_score(images, captions, clip, batch_size=5) == pytest.approx(
+        expected, rel=1e-5
+    )
+    big = torch.nn.functional.interpolate(images, scale_factor=2, mode="nearest")
+    assert clip_score(big, captions, clip) == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="texts"):
+        clip_score(images, captions[:3], clip)
+
+
+@needs_clip
+def test_bundled_clip_prefers_the_right_caption():
+    images, captions, _ = real_images(200, "test")
+    right = clip_score(images, captions)
+    wrong = clip_score(images, captions[1:] + captions[:1])
+    assert right > wrong + 5
+
+
+# ----------------------------------------------------------------------------------
+# The recipe
+
+
+def test_judge_recipe_runs_briefly(tmp_path, monkeypatch):
+    import sdscratch.recipes
+
+    monkeypatch.setattr(sdscratch.recipes, "JUDGE_HELDOUT", 100)
+    manifest = run_recipe("judge", out=tmp_path, steps=2)
+    assert manifest["quality"]["steps"] == 2
+    assert set(manifest["quality"]["heldout_accuracy"]) == {
+        "position",
+        "shape",
+        "colour",
+        "size",
+        "scene",
+    }
+    judge = Judge.from_pretrained(tmp_path)
+    assert judge(torch.zeros(2, 3, 32, 32))["shape"].shape == (2, len(SLOTS), 6)
+    assert (tmp_path / "judge" / "model.safetensors").stat().st_size <= 1_000_000
