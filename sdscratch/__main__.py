@@ -4,8 +4,14 @@ Errors print one line on stderr and exit with code 2, never a traceback.
 """
 
 import argparse
+import math
+import os
+import re
 import sys
+import warnings
 from pathlib import Path
+
+from sdscratch.samplers import SAMPLERS
 
 
 class Parser(argparse.ArgumentParser):
@@ -20,6 +26,136 @@ def positive_int(text):
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
     return value
+
+
+def non_negative_float(text):
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def fraction(text):
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def seed(text):
+    value = int(text)
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 2**64 - 1, got {text}")
+    return value
+
+
+def cmd_generate(args):
+    """Text-to-image (or img2img, inpainting) with a checkpoint; write one PNG."""
+    import torch
+
+    from sdscratch.pipeline import StableDiffusion
+    from sdscratch.viz import make_grid, to_pil
+
+    out = output_path(args)  # before the slow part: fail early
+    image, mask = read_image(args.init_image, "RGB"), read_image(args.mask, "L")
+    if mask is not None and image is None:
+        raise ValueError("--mask needs --init-image, the image to repaint.")
+    if args.strength is not None and image is None:
+        raise ValueError("--strength needs --init-image, the image to start from.")
+    pipe = StableDiffusion.from_pretrained(args.model)
+    options = dict(
+        negative_prompt=args.negative_prompt,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        sampler=args.sampler,
+        karras=args.karras,
+        generator=torch.Generator().manual_seed(args.seed),
+        num_images_per_prompt=args.n,
+        output_type="pt",
+    )
+    if mask is not None:
+        strength = 1.0 if args.strength is None else args.strength
+        images = pipe.inpaint(args.prompt, image, mask, strength, **options)
+    elif image is not None:
+        strength = 0.8 if args.strength is None else args.strength
+        images = pipe.img2img(args.prompt, image, strength, **options)
+    else:
+        images = pipe(args.prompt, **options)
+    picture = make_grid(images, pad=2) if len(images) > 1 else images[0]
+    to_pil(picture[None])[0].save(out)
+    print(out)
+
+
+def output_path(args) -> Path:
+    """Where `generate` writes: checked to be writable and not to overwrite."""
+    if args.output is None:
+        slug = re.sub(r"[^a-z0-9]+", "-", args.prompt.lower()).strip("-")[:60]
+        args.output = f"{slug or 'image'}-{args.seed}.png"
+    out = Path(args.output).expanduser()
+    from PIL import Image
+
+    if out.is_dir():
+        raise ValueError(f"Cannot write {out}: it is a folder.")
+    if out.suffix.lower() not in Image.registered_extensions():
+        raise ValueError(f"Cannot write {out}: give a file name ending in .png.")
+    if out.exists() and not args.force:
+        raise ValueError(f"{out} exists already; pass --force to overwrite it.")
+    folder = out.parent
+    if not folder.is_dir():
+        raise ValueError(f"Cannot write {out}: the folder {folder} does not exist.")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"Cannot write {out}: the folder {folder} is not writable.")
+    return out
+
+
+def read_image(path, mode):
+    """A PIL image from a file (None for no file), or one clear error."""
+    if path is None:
+        return None
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.convert(mode)
+    except OSError as error:  # also PIL's "cannot identify image file"
+        reason = getattr(error, "strerror", None) or "not an image PIL can read"
+        raise ValueError(f"Cannot read {path}: {reason}.") from None
+
+
+def add_generate_command(commands):
+    generate = commands.add_parser(
+        "generate",
+        help="make an image from a prompt",
+        description="Text-to-image with a trained checkpoint; writes a PNG (a grid "
+        "when -n > 1) and prints its path.",
+    )
+    generate.add_argument("prompt", help='e.g. "a small red circle on the left"')
+    generate.add_argument("--negative-prompt", help="what to steer away from")
+    generate.add_argument("--steps", type=positive_int, default=20,
+                          help="sampler steps (default: 20)")
+    generate.add_argument("--guidance", type=non_negative_float, default=7.5,
+                          help="classifier-free guidance scale (default: 7.5)")
+    generate.add_argument("--sampler", choices=SAMPLERS, default="ddim",
+                          help="default: ddim")
+    generate.add_argument("--karras", action="store_true",
+                          help="Karras sigmas (euler, euler_ancestral, dpmpp_2m)")
+    generate.add_argument("--seed", type=seed, default=0,
+                          help="seed of the noise: the same seed, the same image")
+    generate.add_argument("-n", type=positive_int, default=1,
+                          help="how many images (default: 1)")
+    generate.add_argument("-o", "--output",
+                          help="PNG to write (default: from the prompt and seed)")
+    generate.add_argument("--force", action="store_true",
+                          help="overwrite the output if it exists")
+    generate.add_argument("--model", default="shapes-ldm",
+                          help="bundled name or folder (default: shapes-ldm)")
+    generate.add_argument("--init-image",
+                          help="img2img: start from this image instead of noise")
+    generate.add_argument("--strength", type=fraction,
+                          help="img2img: how much to change it, 0 to 1 (default: 0.8)")
+    generate.add_argument("--mask",
+                          help="inpainting: white where --init-image is repainted")
+    generate.set_defaults(func=cmd_generate)
 
 
 def cmd_train(args):
@@ -67,6 +203,7 @@ def build_parser() -> Parser:
     parser = Parser(prog="sdscratch", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
+    add_generate_command(commands)
     train = commands.add_parser("train", help="run a recipe that makes a checkpoint")
     train.add_argument("recipe", help="which model to train, e.g. vae or ldm")
     train.add_argument("--seed", type=int, default=0, help="seed of every random draw")
@@ -77,11 +214,18 @@ def build_parser() -> Parser:
     return parser
 
 
+def one_line_warning(message, category, *args, **kwargs):
+    """Warnings on the command line: one line, without the source line."""
+    print(f"sdscratch: warning: {message}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = one_line_warning
+            args.func(args)
     except (ValueError, OSError) as error:  # CheckpointError is a ValueError
         print(f"sdscratch: error: {error}", file=sys.stderr)
         return 2

@@ -1,0 +1,479 @@
+"""The text-to-image pipeline: Stable Diffusion's parts put together.
+
+Rombach et al. 2022 (latent diffusion, §3.3): a text encoder turns the prompt into
+one vector per token; a UNet, cross-attending to those vectors, removes noise from a
+small latent, one sampler step at a time; the autoencoder's decoder turns the final
+latent into pixels. Six steps, as the seed notes list them:
+
+1. embed the prompt and the negative prompt (tokenizer + text encoder);
+2. set the sampler's timesteps;
+3. draw the initial latents (noise, or an image's latent noised part-way: img2img);
+4. loop: the UNet predicts the noise for both prompts, classifier-free guidance
+   combines the two predictions, the sampler takes a step;
+5. decode the latents with the VAE;
+6. show the images.
+
+`StableDiffusion` is called like diffusers' `StableDiffusionPipeline`, so the seed
+notes' `pipe(prompt, guidance_scale=7.5, num_inference_steps=15, generator=g)`
+works here too; it returns a list of PIL images (diffusers: `.images`).
+"""
+
+import json
+import math
+import numbers
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from sdscratch.checkpoint import (
+    CheckpointError,
+    load_component,
+    resolve,
+    save_component,
+    verify,
+)
+from sdscratch.clip import TextEncoder, TextEncoderConfig
+from sdscratch.samplers import noise_levels, sample
+from sdscratch.schedules import DIFFUSERS_NAMES, NoiseSchedule
+from sdscratch.tokenizer import Tokenizer
+from sdscratch.unet import UNet, UNetConfig
+from sdscratch.vae import VAE, VAEConfig
+from sdscratch.viz import from_pil, to_pil
+
+OUTPUT_TYPES = ("pil", "pt", "latent")
+SCHEDULER_CONFIG = "scheduler/scheduler_config.json"  # where diffusers keeps it
+
+
+class StableDiffusion:
+    """Text-to-image, img2img and inpainting with one set of trained parts.
+
+    Args:
+        unet: a text-conditioned `UNet` over latents.
+        vae: the `VAE` whose latents (times `config.scaling_factor`) the UNet saw.
+        text_encoder: the `TextEncoder` whose hidden states the UNet attends to.
+        tokenizer: the text encoder's `Tokenizer`.
+        schedule: the `NoiseSchedule` the UNet was trained with (default: SD v1's).
+    """
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, schedule=None):
+        self.unet, self.vae = unet.eval(), vae.eval()
+        self.text_encoder, self.tokenizer = text_encoder.eval(), tokenizer
+        self.schedule = schedule or NoiseSchedule.scaled_linear()
+
+    # ------------------------------------------------------------------------------
+    # Loading and saving
+
+    @classmethod
+    def from_pretrained(cls, name_or_path="shapes-ldm", device=None):
+        """Load a checkpoint (bundled name or folder), checked against its manifest.
+
+        The folder holds unet/, vae/, text_encoder/ and tokenizer/, like a diffusers
+        Stable Diffusion folder, and a MANIFEST.json with every file's sha256.
+        """
+        root = resolve(name_or_path)
+        verify(root)
+        unet = load_component(root / "unet", UNet, UNetConfig)
+        vae = load_component(root / "vae", VAE, VAEConfig)
+        text_encoder = load_component(
+            root / "text_encoder", TextEncoder, TextEncoderConfig
+        )
+        tokenizer = Tokenizer.from_pretrained(root / "tokenizer")
+        if unet.config.in_channels != vae.config.latent_channels:
+            raise CheckpointError(f"{root}: the UNet does not fit the VAE's latents.")
+        if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
+            raise CheckpointError(f"{root}: the UNet does not fit the text encoder.")
+        if tokenizer.context_length > text_encoder.config.max_position_embeddings:
+            raise CheckpointError(f"{root}: the tokenizer does not fit the encoder.")
+        pipe = cls(unet, vae, text_encoder, tokenizer, read_schedule(root))
+        return pipe.to(device or torch.device("cpu"))
+
+    def save_pretrained(self, root, dtype=None) -> Path:
+        """Write unet/, vae/, text_encoder/, tokenizer/ and the scheduler's config.
+
+        Args:
+            dtype: store the weights in this dtype (e.g. torch.float16).
+        """
+        root = Path(root)
+        for name in ("unet", "vae", "text_encoder"):
+            model = getattr(self, name)
+            save_component(model, root / name, model.config, dtype=dtype)
+        self.tokenizer.save_pretrained(root / "tokenizer")
+        write_schedule(root, self.schedule)
+        return root
+
+    def to(self, device):
+        for model in (self.unet, self.vae, self.text_encoder):
+            model.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def latent_shape(self) -> tuple:
+        """(C, h, w) of the latents the UNet was trained on (SD v1.5: (4, 64, 64))."""
+        side = self.unet.config.sample_size
+        return (self.unet.config.in_channels, side, side)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent, per side (SD v1: 8)."""
+        return self.vae.config.downsampling_factor
+
+    # ------------------------------------------------------------------------------
+    # The pieces
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list, negative_prompts: list) -> tuple:
+        """Step 1: prompts -> text hidden states, (B, L, D) each for both lists.
+
+        The negative prompt takes the place of the empty prompt "", which is what
+        the UNet learned to predict without a caption (caption dropout).
+        """
+        ids = self.tokenizer(prompts + negative_prompts).to(self.device)  # (2B, L)
+        hidden = self.text_encoder(ids)  # (2B, L, D)
+        return hidden[: len(prompts)], hidden[len(prompts) :]
+
+    def guided_noise(self, context, uncond_context, guidance_scale):
+        """Step 4's noise prediction with classifier-free guidance.
+
+        Ho & Salimans 2022, eq. 6: ε̃ = ε(x, ∅) + w (ε(x, c) - ε(x, ∅)), with w the
+        guidance scale; w = 0 ignores the prompt, w = 1 is the plain conditional
+        model, w > 1 pushes further towards the prompt. Both predictions come from
+        one UNet call on a doubled batch, as diffusers does.
+
+        Returns:
+            `eps_fn(x_t, t) -> ε̃` for `sample`.
+        """
+        w = guidance_scale
+
+        def eps_fn(x, t):
+            if w == 0:  # the formula gives ε(x, ∅) alone: skip the other half
+                return self.unet(x, t, uncond_context)
+            if w == 1:  # the formula gives ε(x, c) alone
+                return self.unet(x, t, context)
+            contexts = torch.cat([uncond_context, context])  # (2B, L, D)
+            both = self.unet(torch.cat([x, x]), torch.cat([t, t]), contexts)
+            eps_uncond, eps_text = both.chunk(2)
+            return eps_uncond + w * (eps_text - eps_uncond)
+
+        return eps_fn
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor, generator=None) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/f, W/f): a sample of
+        the VAE's posterior, drawn with `generator` (as diffusers' img2img does)."""
+        posterior = self.vae.encode(images.to(self.device))
+        return posterior.sample(generator) * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Step 5: scaled latents (B, C, h, w) -> images (B, 3, h·f, w·f) in [-1, 1]."""
+        images = self.vae.decode(latents / self.vae.config.scaling_factor)
+        return images.clamp(-1, 1)
+
+    # ------------------------------------------------------------------------------
+    # Text-to-image, img2img, inpainting
+
+    def __call__(
+        self,
+        prompt,
+        negative_prompt=None,
+        num_inference_steps=20,
+        guidance_scale=7.5,
+        sampler="ddim",
+        karras=False,
+        generator=None,
+        num_images_per_prompt=1,
+        callback=None,
+        output_type="pil",
+        progress=False,
+    ):
+        """Text-to-image: images of `prompt`, from pure noise.
+
+        Args:
+            prompt: a string, or a list of B strings.
+            negative_prompt: what to steer away from: a string or B strings (None:
+                the empty prompt, plain classifier-free guidance).
+            num_inference_steps: sampler steps, one UNet call each.
+            guidance_scale: w of classifier-free guidance, 0 or more (SD: 7.5).
+            sampler: "ddim", "ddpm", "euler", "euler_ancestral" or "dpmpp_2m".
+            karras: Karras et al. 2022's σ spacing (euler*, dpmpp_2m).
+            generator: a `torch.Generator`; the same seed gives the same images.
+            num_images_per_prompt: images per prompt, next to each other (N = B·this).
+            callback: `callback(i, t, latents, x0_pred)` after every step; if it
+                returns a tensor, that replaces the latents.
+            output_type: "pil" (a list of N PIL images), "pt" ((N, 3, H, W) in
+                [-1, 1]) or "latent" (the final scaled latents, (N, C, h, w)).
+            progress: show a progress bar over the steps.
+        """
+        return self._generate(
+            prompt,
+            negative_prompt=negative_prompt,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            sampler=sampler,
+            karras=karras,
+            generator=generator,
+            num_images_per_prompt=num_images_per_prompt,
+            callback=callback,
+            output_type=output_type,
+            progress=progress,
+        )
+
+    def img2img(self, prompt, image, strength=0.8, **options):
+        """SDEdit (Meng et al. 2022): noise an image part-way, then denoise it
+        towards the prompt.
+
+        Args:
+            prompt: as for `__call__`.
+            image: a PIL image, a list of them, or (B, 3, H, W) in [-1, 1]; one
+                image serves every prompt.
+            strength: in [0, 1], the share of the steps that run: 0 keeps the image
+                (as the VAE reconstructs it), 1 starts from noise and keeps little.
+            options: any other argument of `__call__` (negative_prompt, generator…).
+        """
+        return self._generate(prompt, image=image, strength=strength, **options)
+
+    def inpaint(self, prompt, image, mask, strength=1.0, **options):
+        """Repaint the masked part of an image to match the prompt.
+
+        After every step, the latent outside the mask is put back to the image's
+        latent noised to that step's level (the blending of diffusers' inpainting
+        with a plain text-to-image UNet), so the new part is made to fit the rest.
+        At the end the pixels outside the mask are pasted back unchanged.
+
+        Args:
+            prompt: as for `__call__`.
+            image: as for `img2img`.
+            mask: a PIL image (white = repaint; read as greyscale), a list of them,
+                or a tensor (B, 1, H, W) in [0, 1] (1 = repaint), as large as image.
+            strength: as for `img2img`; 1 (default) repaints from pure noise.
+            options: any other argument of `__call__`.
+        """
+        return self._generate(prompt, image=image, mask=mask, strength=strength,
+                              **options)
+
+    def _generate(
+        self,
+        prompt,
+        image=None,
+        mask=None,
+        strength=1.0,
+        negative_prompt=None,
+        num_inference_steps=20,
+        guidance_scale=7.5,
+        sampler="ddim",
+        karras=False,
+        generator=None,
+        num_images_per_prompt=1,
+        callback=None,
+        output_type="pil",
+        progress=False,
+    ):
+        """The six steps, for all three tasks (arguments as `__call__`'s)."""
+        prompts, negatives = _check_prompts(prompt, negative_prompt)
+        _check_numbers(num_inference_steps, guidance_scale, num_images_per_prompt)
+        _check_choice(output_type, OUTPUT_TYPES, "output_type")
+        noise_levels(sampler, num_inference_steps, self.schedule, karras)  # checks
+        n = num_images_per_prompt
+        images, mask = self._prepare_images(image, mask, strength, len(prompts))
+        # 1. prompt and negative prompt -> text hidden states, n per prompt
+        context, uncond = self.encode_prompt(prompts, negatives)
+        context = context.repeat_interleave(n, 0)  # (N, L, D), N = B · n
+        uncond = uncond.repeat_interleave(n, 0)
+        # 2.-3. (`sample` sets the timesteps) the initial noise, the image's latent
+        init, shape = None, (len(context), *self.latent_shape)
+        if images is not None:
+            init = _per_image(self.encode_images(images, generator), n, len(context))
+            shape = init.shape
+        noise = _randn(shape, generator, self.device)
+        if init is not None and _steps_run(num_inference_steps, strength) == 0:
+            latents = init  # no step to run at this strength: keep the image
+        else:
+            # 4. the denoising loop: the UNet with guidance, then a sampler step
+            latents = sample(
+                self.guided_noise(context, uncond, guidance_scale),
+                noise,
+                sampler,
+                num_inference_steps,
+                self.schedule,
+                karras,
+                generator=generator,
+                callback=callback,
+                init=init,
+                strength=strength,
+                mask=_latent_mask(mask, n, len(context), self.vae_scale_factor),
+                progress=progress,
+            )
+        if output_type == "latent":
+            return latents
+        # 5. decode; inpainting pastes the kept pixels back
+        decoded = self.decode_latents(latents)
+        if mask is not None:
+            images = _per_image(images.to(decoded), n, len(decoded))
+            mask = _per_image(mask.to(decoded), n, len(decoded))
+            decoded = images * (1 - mask) + decoded * mask
+        # 6. the images to show
+        return decoded if output_type == "pt" else to_pil(decoded)
+
+    def _prepare_images(self, image, mask, strength, batch):
+        """img2img's images and inpainting's mask, checked, as tensors of 1 or
+        `batch` rows."""
+        if image is None:
+            return None, None
+        if not (isinstance(strength, numbers.Real) and 0 <= strength <= 1):
+            raise ValueError(f"strength must be between 0 and 1, got {strength!r}.")
+        images = _as_tensor(image, "image")  # (B or 1, 3, H, W)
+        f = self.vae_scale_factor
+        if images.shape[1] != 3 or images.shape[-1] % f or images.shape[-2] % f:
+            raise ValueError(
+                f"image must be RGB with sides divisible by {f}, got shape "
+                f"{tuple(images.shape)}."
+            )
+        if mask is not None:
+            mask = _mask_tensor(mask, images.shape)
+        for name, tensor in (("images", images), ("masks", mask)):
+            if tensor is not None and len(tensor) not in (1, batch):
+                raise ValueError(f"Got {len(tensor)} {name} for {batch} prompts.")
+        return images, mask
+
+
+# ----------------------------------------------------------------------------------
+# Checks and conversions
+
+
+def _check_prompts(prompt, negative_prompt) -> tuple[list, list]:
+    """Prompts and negative prompts as two lists of B strings."""
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError("prompt must be a string or a non-empty list of strings.")
+    if not all(isinstance(p, str) for p in prompts):
+        raise ValueError("Every prompt must be a string.")
+    negatives = "" if negative_prompt is None else negative_prompt
+    negatives = [negatives] * len(prompts) if isinstance(negatives, str) else negatives
+    if not isinstance(negatives, (list, tuple)) or not all(
+        isinstance(p, str) for p in negatives
+    ):
+        raise ValueError("negative_prompt must be None, a string or a list of them.")
+    if len(negatives) != len(prompts):
+        raise ValueError(
+            f"Got {len(negatives)} negative prompts for {len(prompts)} prompts."
+        )
+    return list(prompts), list(negatives)
+
+
+def _check_numbers(steps, guidance_scale, images_per_prompt):
+    if not _is_int(steps) or steps < 1:
+        raise ValueError(f"num_inference_steps must be 1 or more, got {steps!r}.")
+    if not isinstance(guidance_scale, numbers.Real) or not (
+        0 <= guidance_scale < math.inf
+    ):
+        raise ValueError(f"guidance_scale must be 0 or more, got {guidance_scale!r}.")
+    if not _is_int(images_per_prompt) or images_per_prompt < 1:
+        raise ValueError(
+            f"num_images_per_prompt must be 1 or more, got {images_per_prompt!r}."
+        )
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_choice(value, choices, name):
+    if value not in choices:
+        raise ValueError(f"Unknown {name} {value!r}; choose one of {choices}.")
+
+
+def _steps_run(steps, strength) -> int:
+    """How many of `steps` img2img runs at `strength` (diffusers' rule)."""
+    return min(int(steps * strength), steps)
+
+
+def _randn(shape, generator, device) -> torch.Tensor:
+    """Noise drawn on the generator's device (CPU: the same on every machine)."""
+    where = generator.device if generator is not None else torch.device("cpu")
+    return torch.randn(shape, generator=generator, device=where).to(device)
+
+
+def _as_tensor(value, name) -> torch.Tensor:
+    """PIL image(s) -> (B, 3, H, W) in [-1, 1]; a (C, H, W) or (B, C, H, W) tensor
+    -> (B, C, H, W) float."""
+    pictures = [value] if isinstance(value, Image.Image) else value
+    if isinstance(pictures, (list, tuple)) and pictures:
+        if not all(isinstance(picture, Image.Image) for picture in pictures):
+            raise ValueError(f"{name} must be a PIL image, a list of them or a tensor.")
+        if len({picture.size for picture in pictures}) > 1:
+            raise ValueError(f"Every {name} must have the same size.")
+        return from_pil(list(pictures))
+    if isinstance(value, torch.Tensor) and value.ndim in (3, 4):
+        return (value[None] if value.ndim == 3 else value).float()
+    raise ValueError(f"{name} must be a PIL image, a list of them or a tensor.")
+
+
+def _mask_tensor(mask, image_shape) -> torch.Tensor:
+    """A mask (PIL images, white = repaint, or a tensor in [0, 1], 1 = repaint) ->
+    (B, 1, H, W) in [0, 1], checked to be as large as the image."""
+    if isinstance(mask, torch.Tensor):
+        mask = _as_tensor(mask[None] if mask.ndim == 2 else mask, "mask")
+    else:  # PIL: grey levels, read from the red channel of the RGB conversion
+        mask = (_as_tensor(mask, "mask")[:, :1] + 1) / 2
+    if mask.shape[1] != 1:
+        raise ValueError(f"mask must have one channel, got {mask.shape[1]}.")
+    if mask.shape[-2:] != image_shape[-2:]:
+        raise ValueError(
+            f"The mask is {tuple(mask.shape[-2:])} pixels but the image is "
+            f"{tuple(image_shape[-2:])}: they must be the same size."
+        )
+    return mask.clamp(0, 1)
+
+
+def _latent_mask(mask, n, total, factor):
+    """(B, 1, H, W) pixel mask -> (N, 1, H/f, W/f): a latent cell is repainted as
+    much as the most repainted pixel it covers."""
+    return None if mask is None else _per_image(F.max_pool2d(mask, factor), n, total)
+
+
+def _per_image(x, n, total) -> torch.Tensor:
+    """One row per image made: (1, ...) -> (total, ...), or (B, ...) -> (B·n, ...),
+    each row n times in a row, as the prompts are."""
+    return x.expand(total, *x.shape[1:]) if len(x) == 1 else x.repeat_interleave(n, 0)
+
+
+# ----------------------------------------------------------------------------------
+# The scheduler's config: which noise schedule the UNet was trained with
+
+
+def write_schedule(root, schedule: NoiseSchedule):
+    """Write scheduler/scheduler_config.json, as diffusers' DDIMScheduler reads it."""
+    path = Path(root) / SCHEDULER_CONFIG
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config = {
+        "_class_name": "DDIMScheduler",
+        **schedule.diffusers_config(),
+        "clip_sample": False,
+        "set_alpha_to_one": False,
+        "steps_offset": 1,
+    }
+    path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def read_schedule(root) -> NoiseSchedule:
+    """The noise schedule of a checkpoint (SD v1's scaled_linear if none is saved)."""
+    path = Path(root) / SCHEDULER_CONFIG
+    if not path.is_file():
+        return NoiseSchedule.scaled_linear()
+    try:
+        config = json.loads(path.read_text())
+        names = {diffusers: ours for ours, diffusers in DIFFUSERS_NAMES.items()}
+        name, size = names[config["beta_schedule"]], config["num_train_timesteps"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise CheckpointError(f"{path} is not a scheduler config sdscratch reads.")
+    if name == "cosine":
+        return NoiseSchedule.cosine(size)
+    return NoiseSchedule.from_name(
+        name, size, beta_start=config["beta_start"], beta_end=config["beta_end"]
+    )

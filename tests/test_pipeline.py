@@ -1,0 +1,285 @@
+"""StableDiffusion: against diffusers' pipelines, saving and loading, bad input.
+
+Every test builds tiny random components (no trained checkpoint needed). The parity
+tests build diffusers' and transformers' models from configs, port their weights
+into ours, and run diffusers' own StableDiffusionPipeline / Img2ImgPipeline next to
+ours with the same generator seed.
+"""
+
+import pytest
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    EulerAncestralDiscreteScheduler,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from PIL import Image
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from sdscratch.checkpoint import CheckpointError, write_manifest
+from sdscratch.data import Shapes
+from sdscratch.pipeline import StableDiffusion
+from sdscratch.port import (
+    text_encoder_from_transformers,
+    unet_from_diffusers,
+    vae_from_diffusers,
+)
+from sdscratch.schedules import NoiseSchedule
+from sdscratch.tokenizer import train_bpe
+from sdscratch.viz import to_pil
+
+PROMPTS = ["a small red circle on the left", "a big blue star above a green cross"]
+SIZE = 16  # pixels; the tiny VAE halves it twice: 4×4 latents
+TOLERANCE = 1e-5
+
+
+def randomise(model, seed):
+    """Move norms and biases off their initial 1s and 0s, so every weight matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    """diffusers / transformers parts, random, and a tokenizer folder for both."""
+    folder = tmp_path_factory.mktemp("tokenizer")
+    captions = [Shapes("train").scene(i)[0] for i in range(300)]
+    train_bpe(captions, vocab_size=600, context_length=16).save_pretrained(folder)
+    tokenizer = CLIPTokenizer.from_pretrained(folder)
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer), max_position_embeddings=16, hidden_size=32,
+            intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    )  # fmt: skip
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 3, scaling_factor=0.7,
+        up_block_types=("UpDecoderBlock2D",) * 3, sample_size=SIZE,
+    )  # fmt: skip
+    unet = UNet2DConditionModel(
+        sample_size=SIZE // 4, in_channels=4, out_channels=4,
+        block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=4,
+    )  # fmt: skip
+    parts = dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet)
+    for seed, name in enumerate(("text_encoder", "vae", "unet")):
+        randomise(parts[name], seed + 1)
+    return parts | {"folder": folder}
+
+
+@pytest.fixture(scope="module")
+def pipe(references):
+    """Our pipeline with the references' weights, ported."""
+    from sdscratch.tokenizer import Tokenizer
+
+    return StableDiffusion(
+        unet_from_diffusers(references["unet"]),
+        vae_from_diffusers(references["vae"]),
+        text_encoder_from_transformers(references["text_encoder"]),
+        Tokenizer.from_pretrained(references["folder"]),
+    )
+
+
+def reference_pipeline(references, cls=StableDiffusionPipeline, scheduler=None):
+    sd15 = dict(  # SD v1.5's scheduler config
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+    )  # fmt: skip
+    reference = cls(
+        vae=references["vae"],
+        text_encoder=references["text_encoder"],
+        tokenizer=references["tokenizer"],
+        unet=references["unet"],
+        scheduler=(scheduler or DDIMScheduler).from_config(sd15),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    reference.set_progress_bar_config(disable=True)
+    return reference
+
+
+def as_pixels(images: torch.Tensor) -> torch.Tensor:
+    """Ours, in [-1, 1] -> diffusers' output_type="pt", in [0, 1]."""
+    return (images / 2 + 0.5).clamp(0, 1)
+
+
+def test_text_to_image_equals_diffusers(pipe, references):
+    options = dict(num_inference_steps=6, guidance_scale=7.5, num_images_per_prompt=2)
+    ours = pipe(
+        PROMPTS,
+        negative_prompt=["a purple square", ""],
+        generator=torch.Generator().manual_seed(1024),
+        output_type="pt",
+        **options,
+    )
+    expected = reference_pipeline(references)(
+        PROMPTS,
+        negative_prompt=["a purple square", ""],
+        generator=torch.Generator().manual_seed(1024),
+        output_type="pt",
+        **options,
+    ).images
+    assert ours.shape == expected.shape == (4, 3, SIZE, SIZE)
+    assert (as_pixels(ours) - expected).abs().max() <= TOLERANCE
+    assert (ours[0] - ours[1]).abs().max() > 0.01  # two different images per prompt
+
+
+def test_stochastic_sampler_draws_its_noise_like_diffusers(pipe, references):
+    generator = torch.Generator().manual_seed(7)
+    ours = pipe(PROMPTS[0], num_inference_steps=5, sampler="euler_ancestral",
+                generator=generator, output_type="pt")  # fmt: skip
+    sampler = EulerAncestralDiscreteScheduler
+    reference = reference_pipeline(references, scheduler=sampler)
+    expected = reference(PROMPTS[0], num_inference_steps=5, output_type="pt",
+                         generator=torch.Generator().manual_seed(7)).images  # fmt: skip
+    assert (as_pixels(ours) - expected).abs().max() <= TOLERANCE
+
+
+@pytest.mark.filterwarnings("ignore:You have passed 2 text prompts")
+def test_img2img_equals_diffusers(pipe, references):
+    image = Shapes("val", size=SIZE)[0][0][None]  # (1, 3, 16, 16) in [-1, 1]
+    options = dict(strength=0.6, num_inference_steps=10, output_type="pt")
+    ours = pipe.img2img(PROMPTS, image, generator=torch.Generator().manual_seed(3),
+                        **options)  # fmt: skip
+    reference = reference_pipeline(references, cls=StableDiffusionImg2ImgPipeline)
+    expected = reference(PROMPTS, image=as_pixels(image), **options,
+                         generator=torch.Generator().manual_seed(3)).images  # fmt: skip
+    assert (as_pixels(ours) - expected).abs().max() <= TOLERANCE
+
+
+def test_guidance_is_the_cfg_formula(pipe):
+    context, uncond = pipe.encode_prompt(PROMPTS, ["", ""])
+    x, t = torch.randn(2, 4, 4, 4), torch.tensor([500, 500])
+    with torch.no_grad():
+        eps_text, eps_uncond = pipe.unet(x, t, context), pipe.unet(x, t, uncond)
+        for w in (0.0, 1.0, 7.5):
+            guided = pipe.guided_noise(context, uncond, w)(x, t)
+            expected = eps_uncond + w * (eps_text - eps_uncond)
+            assert torch.allclose(guided, expected, atol=TOLERANCE)  # batch of 2B
+    assert (eps_text - eps_uncond).abs().max() > 1e-3  # the prompt matters
+
+
+def test_same_seed_gives_bit_identical_images_and_another_seed_does_not(pipe):
+    def run(seed):
+        generator = torch.Generator().manual_seed(seed)
+        return pipe(PROMPTS, num_inference_steps=4, generator=generator)
+
+    first, again, other = run(1024), run(1024), run(1025)
+    assert len(first) == 2 and all(isinstance(i, Image.Image) for i in first)
+    assert first[0].size == (SIZE, SIZE)
+    assert [i.tobytes() for i in first] == [i.tobytes() for i in again]
+    assert first[0].tobytes() != other[0].tobytes()
+
+
+def test_saved_pipeline_loads_and_gives_the_same_images(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path)
+    write_manifest(tmp_path, "test", 0, 0.0, {})
+    loaded = StableDiffusion.from_pretrained(tmp_path)
+    assert isinstance(loaded.schedule, NoiseSchedule)
+    assert loaded.schedule.name == "scaled_linear"
+
+    def run(model):
+        return model(PROMPTS[0], num_inference_steps=3, output_type="latent",
+                     generator=torch.Generator().manual_seed(0))  # fmt: skip
+
+    assert torch.equal(run(pipe), run(loaded))
+
+
+def test_damaged_checkpoint_is_refused(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path)
+    write_manifest(tmp_path, "python -m sdscratch train ldm", 0, 0.0, {})
+    weights = tmp_path / "unet" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + bytes(8))
+    with pytest.raises(CheckpointError, match="does not match its sha256"):
+        StableDiffusion.from_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="No checkpoint"):
+        StableDiffusion.from_pretrained(tmp_path / "nowhere")
+
+
+def test_callback_sees_every_step_and_can_replace_the_latents(pipe):
+    seen = []
+    pipe(PROMPTS[0], num_inference_steps=5, callback=lambda i, *_: seen.append(i))
+    assert seen == [0, 1, 2, 3, 4]
+    zeros = pipe(PROMPTS[0], num_inference_steps=2, output_type="latent",
+                 callback=lambda i, t, x, x0: torch.zeros_like(x))  # fmt: skip
+    assert torch.equal(zeros, torch.zeros(1, 4, 4, 4))
+
+
+def test_img2img_strength_zero_keeps_the_image_and_one_does_not(pipe):
+    image = Shapes("val", size=SIZE)[1][0][None]
+    kept = pipe.img2img(PROMPTS[0], image, strength=0.0, output_type="pt",
+                        generator=torch.Generator().manual_seed(0))  # fmt: skip
+    latent = pipe.encode_images(image, torch.Generator().manual_seed(0))
+    assert torch.equal(kept, pipe.decode_latents(latent))
+    changed = pipe.img2img(PROMPTS[0], to_pil(image), strength=1.0, output_type="pt")
+    assert (changed - kept).abs().max() > 0.01
+
+
+def test_inpainting_keeps_the_pixels_outside_the_mask(pipe):
+    image = Shapes("val", size=SIZE)[2][0][None]
+    mask = torch.zeros(1, 1, SIZE, SIZE)
+    mask[..., :, : SIZE // 2] = 1  # repaint the left half
+    out = pipe.inpaint(PROMPTS, image, mask, num_inference_steps=4, output_type="pt",
+                       num_images_per_prompt=2)  # fmt: skip
+    assert out.shape == (4, 3, SIZE, SIZE)
+    kept = image[..., SIZE // 2 :].expand(4, -1, -1, -1)
+    assert torch.equal(out[..., SIZE // 2 :], kept)
+    assert (out[..., : SIZE // 2] - image[..., : SIZE // 2]).abs().max() > 0.01
+    white_left = Image.new("L", (SIZE, SIZE))
+    white_left.paste(255, (0, 0, SIZE // 2, SIZE))
+    options = dict(output_type="pt", num_inference_steps=4)
+    from_pil = pipe.inpaint(PROMPTS[0], to_pil(image)[0], white_left, **options,
+                            generator=torch.Generator().manual_seed(0))  # fmt: skip
+    from_tensor = pipe.inpaint(PROMPTS[0], image, mask, **options,
+                               generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert (from_pil - from_tensor).abs().max() < 0.01  # PIL rounds to 8 bits
+
+
+IMAGE = torch.zeros(1, 3, SIZE, SIZE)
+BAD_CALLS = {
+    "empty prompt list": (lambda p: p([]), "non-empty list"),
+    "prompt not text": (lambda p: p(3), "prompt must be a string"),
+    "negative prompts miscounted": (
+        lambda p: p(PROMPTS, negative_prompt=["x"]), "1 negative prompts for 2"),
+    "steps < 1": (lambda p: p("a", num_inference_steps=0), "1 or more, got 0"),
+    "steps not a whole number": (
+        lambda p: p("a", num_inference_steps=2.5), "num_inference_steps"),
+    "guidance < 0": (lambda p: p("a", guidance_scale=-1), "0 or more, got -1"),
+    "guidance not a number": (
+        lambda p: p("a", guidance_scale=float("nan")), "guidance_scale"),
+    "unknown sampler": (lambda p: p("a", sampler="plms"), "Unknown sampler 'plms'"),
+    "karras with ddim": (lambda p: p("a", karras=True), "Karras sigmas need"),
+    "no images": (lambda p: p("a", num_images_per_prompt=0), "num_images_per_prompt"),
+    "unknown output type": (lambda p: p("a", output_type="np"), "output_type"),
+    "strength > 1": (lambda p: p.img2img("a", IMAGE, strength=1.5), "between 0 and 1"),
+    "strength < 0": (lambda p: p.img2img("a", IMAGE, strength=-0.1), "between 0 and 1"),
+    "image not an image": (lambda p: p.img2img("a", "x.png"), "image must be a PIL"),
+    "image of odd size": (
+        lambda p: p.img2img("a", torch.zeros(1, 3, 10, 10)), "divisible by 4"),
+    "mask and image sizes differ": (
+        lambda p: p.inpaint("a", IMAGE, torch.ones(1, 1, 8, 8)), "the same size"),
+    "images miscounted": (
+        lambda p: p.img2img(["a", "b", "c"], IMAGE.repeat(2, 1, 1, 1)), "2 images for"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BAD_CALLS)
+def test_bad_input_is_one_clear_sentence(pipe, case):
+    call, message = BAD_CALLS[case]
+    with pytest.raises(ValueError, match=message) as error:
+        call(pipe)
+    text = str(error.value)
+    assert "\n" not in text and text.endswith(".")
