@@ -165,6 +165,42 @@ def cmd_train(args):
     print(f"trained in {manifest['wall_time_seconds']:.0f} s: {manifest['quality']}")
 
 
+def cmd_evaluate(args):
+    import json
+
+    from sdscratch.metrics import evaluate_model
+
+    result = evaluate_model(
+        args.model, args.samples, args.sampler, args.steps, args.guidance,
+        args.seed, args.batch_size,
+    )  # fmt: skip
+    settings = {key: getattr(args, key) for key in ("model", "samples", "sampler")}
+    settings |= {key: getattr(args, key) for key in ("steps", "guidance", "seed")}
+    print(json.dumps(settings | result))
+
+
+def add_evaluate_command(commands):
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="generate for N test prompts; print prompt accuracy, FID, CLIP score",
+    )
+    evaluate.add_argument("--model", default="shapes-ldm",
+                          help="bundled name or folder (default: shapes-ldm)")
+    evaluate.add_argument("--samples", type=positive_int, default=1000,
+                          help="N, prompts and images (default: 1000)")
+    evaluate.add_argument("--sampler", choices=SAMPLERS, default="ddim",
+                          help="the sampler (default: ddim)")
+    evaluate.add_argument("--steps", type=positive_int, default=20,
+                          help="sampler steps (default: 20)")
+    evaluate.add_argument("--guidance", type=non_negative_float, default=7.5,
+                          help="classifier-free guidance scale (default: 7.5)")
+    evaluate.add_argument("--seed", type=seed, default=0,
+                          help="seed of the noise; batch b uses seed + b")
+    evaluate.add_argument("--batch-size", type=positive_int, default=50,
+                          help="prompts per pipeline call (default: 50)")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+
 def cmd_book_build(args):
     import time
 
@@ -210,6 +246,7 @@ def build_parser() -> Parser:
     train.add_argument("--steps", type=positive_int, help="override the training steps")
     train.add_argument("--out", help="output folder (default: the bundled one)")
     train.set_defaults(func=cmd_train)
+    add_evaluate_command(commands)
     add_book_commands(commands)
     return parser
 

@@ -16,6 +16,7 @@ binding), are checked without choosing an order.
 """
 
 import functools
+import time
 from dataclasses import dataclass
 
 import torch
@@ -496,3 +497,74 @@ def evaluate_samples(images, captions, scenes, reference=None, judge=None, clip=
     result["fid"] = frechet_distance(image_features(images, judge), reference)
     result["clip_score"] = clip_score(images, captions, clip)
     return result
+
+
+def evaluate_model(
+    model="shapes-ldm",
+    samples=1000,
+    sampler="ddim",
+    steps=20,
+    guidance=7.5,
+    seed=0,
+    batch_size=50,
+    judge=None,
+    clip=None,
+    progress=True,
+) -> dict:
+    """Generate one image for each of the first `samples` test prompts, and score them.
+
+    What `python -m sdscratch evaluate` prints. The prompts are `evaluation_prompts`
+    (one- and two-object scenes as the test split mixes them); FID compares with the
+    first `samples` val images and is reported next to `fid_floor(samples)`.
+
+    Args:
+        model: a `StableDiffusion`, or a bundled name or folder to load one from.
+        samples: N, the number of prompts and images.
+        sampler, steps, guidance: the pipeline's sampler, num_inference_steps and
+            guidance_scale.
+        seed: seeds the generator of all the noise; batch b draws from seed + b.
+        batch_size: prompts per pipeline call.
+        judge, clip: a `Judge` and a `CLIP` (default: the bundled ones).
+    Returns:
+        `evaluate_samples`' figures, plus "fid_floor", the numbers of one- and
+        two-object prompts, and "seconds_per_image" and "cpu_seconds_per_image" of
+        the generation alone (CPU seconds are summed over threads).
+    """
+    from tqdm.auto import tqdm
+
+    from sdscratch.pipeline import StableDiffusion
+    from sdscratch.samplers import noise_levels
+
+    if samples < 2:
+        raise ValueError("FID needs at least two images: ask for 2 samples or more.")
+    if not guidance >= 0:
+        raise ValueError(f"guidance_scale must be 0 or more, got {guidance!r}.")
+    pipe = model
+    if not isinstance(pipe, StableDiffusion):
+        pipe = StableDiffusion.from_pretrained(model)
+    noise_levels(sampler, steps, pipe.schedule)  # an unknown sampler: fail now
+    judge = judge or bundled_judge()
+    clip = clip or bundled_clip()  # loaded (and checked) before the long part
+    captions, scenes = evaluation_prompts(samples)
+    images, wall, cpu = [], time.perf_counter(), time.process_time()
+    starts = range(0, samples, batch_size)
+    for b, start in enumerate(tqdm(starts, desc="evaluate", disable=not progress)):
+        generator = torch.Generator().manual_seed((seed + b) % 2**64)
+        batch = pipe(captions[start : start + batch_size], num_inference_steps=steps,
+                     guidance_scale=guidance, sampler=sampler, generator=generator,
+                     output_type="pt")  # fmt: skip
+        images.append(batch.cpu())
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    reference = real_features(samples, "val", judge=judge)  # (N, hidden)
+    result = evaluate_samples(torch.cat(images), captions, scenes, reference, judge,
+                              clip)  # fmt: skip
+    test = real_features(samples, "test", judge=judge)  # the prompts' own images
+    counts = [len(attrs["objects"]) for attrs in scenes]
+    return {
+        "one_object_prompts": counts.count(1),
+        "two_object_prompts": counts.count(2),
+        **result,
+        "fid_floor": frechet_distance(test, reference),  # fid_floor(samples)
+        "seconds_per_image": wall / samples,
+        "cpu_seconds_per_image": cpu / samples,
+    }

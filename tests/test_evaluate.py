@@ -1,0 +1,170 @@
+"""`evaluate_model` and `python -m sdscratch evaluate`, on a tiny random checkpoint."""
+
+import contextlib
+import io
+import json
+import math
+
+import pytest
+import torch
+
+from sdscratch import assets_dir
+from sdscratch.metrics import (
+    Judge,
+    JudgeConfig,
+    evaluate_model,
+    evaluation_prompts,
+    fid_floor,
+    real_images,
+)
+from sdscratch.pipeline import StableDiffusion
+
+JUDGE = assets_dir() / "models" / "shapes-judge"
+CLIP = assets_dir() / "models" / "shapes-clip"
+needs_judge = pytest.mark.skipif(not JUDGE.is_dir(), reason="no bundled shapes-judge")
+needs_clip = pytest.mark.skipif(not CLIP.is_dir(), reason="no bundled shapes-clip")
+
+
+def tiny_pipeline() -> StableDiffusion:
+    """A random text-to-image pipeline: 16×16 images from 4×4 latents."""
+    from sdscratch.clip import TextEncoder, TextEncoderConfig
+    from sdscratch.data import Shapes
+    from sdscratch.tokenizer import train_bpe
+    from sdscratch.unet import UNet, UNetConfig
+    from sdscratch.vae import VAE, VAEConfig
+
+    captions = [Shapes().scene(i)[0] for i in range(200)]
+    tokenizer = train_bpe(captions, vocab_size=600, context_length=16)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        text_encoder = TextEncoder(
+            TextEncoderConfig(len(tokenizer), 16, 16, 32, 1, 2, "quick_gelu", 1e-5,
+                              tokenizer.eos_id)
+        )  # fmt: skip
+        vae = VAE(VAEConfig(block_out_channels=(8, 8, 8), norm_num_groups=4))
+        unet = UNet(
+            UNetConfig(
+                sample_size=4, block_out_channels=(8, 16), layers_per_block=1,
+                attention_levels=(False, True), cross_attention_dim=16, num_heads=2,
+                norm_num_groups=4,
+            )
+        )  # fmt: skip
+    return StableDiffusion(unet, vae, text_encoder, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from sdscratch.checkpoint import write_manifest
+
+    root = tmp_path_factory.mktemp("tiny-ldm")
+    tiny_pipeline().save_pretrained(root)
+    write_manifest(root, "python -m sdscratch train ldm", 0, 0.0, {})
+    return root
+
+
+def random_judge() -> Judge:
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        return Judge(JudgeConfig()).eval()
+
+
+def test_evaluate_model_scores_every_prompt_once(checkpoint):
+    from test_metrics import tiny_clip
+
+    judge, clip = random_judge(), tiny_clip()
+    options = dict(samples=6, steps=2, batch_size=4, judge=judge, clip=clip,
+                   progress=False)  # fmt: skip
+    result = evaluate_model(checkpoint, **options)
+    assert result["one_object_prompts"] + result["two_object_prompts"] == 6
+    for key in ("prompt_accuracy_one_object", "prompt_accuracy_two_objects"):
+        assert 0 <= result[key] <= 1
+    assert math.isfinite(result["fid"]) and result["fid"] > 0
+    assert result["fid_floor"] == pytest.approx(fid_floor(6, judge), rel=1e-9)
+    assert 0 <= result["clip_score"] <= 100
+    assert result["seconds_per_image"] > 0 and result["cpu_seconds_per_image"] > 0
+    again = evaluate_model(StableDiffusion.from_pretrained(checkpoint), **options)
+    assert again["fid"] == result["fid"]  # seeded: the same images
+    other = evaluate_model(checkpoint, seed=1, **options)
+    assert other["fid"] != result["fid"]
+
+
+class PerfectPipeline(StableDiffusion):
+    """Draws each prompt's own test scene: what a perfect model could give."""
+
+    def __init__(self, n):
+        self.images = real_images(n, "test")[0]
+        self.captions = evaluation_prompts(n)[0]  # canonical captions of those scenes
+        self.schedule, self.calls, self.done = None, [], 0
+
+    def __call__(self, prompts, **options):
+        assert prompts == self.captions[self.done : self.done + len(prompts)]
+        self.calls.append(options | {"prompts": prompts})
+        self.done += len(prompts)
+        return self.images[self.done - len(prompts) : self.done]
+
+
+@needs_judge
+def test_a_perfect_model_is_always_right_and_scores_the_floor():
+    from test_metrics import tiny_clip
+
+    pipe = PerfectPipeline(40)
+    result = evaluate_model(
+        pipe, samples=40, sampler="euler", steps=3, guidance=2.0, batch_size=16,
+        clip=tiny_clip(), progress=False,
+    )  # fmt: skip
+    assert result["prompt_accuracy_one_object"] == 1
+    assert result["prompt_accuracy_two_objects"] == 1
+    assert result["fid"] == pytest.approx(result["fid_floor"], rel=1e-9)
+    assert result["fid_floor"] == pytest.approx(fid_floor(40), rel=1e-9)
+    assert [len(call["prompts"]) for call in pipe.calls] == [16, 16, 8]
+    call = pipe.calls[0]
+    assert (call["sampler"], call["num_inference_steps"]) == ("euler", 3)
+    assert call["guidance_scale"] == 2.0
+
+
+def evaluate(*args):
+    """Run `sdscratch evaluate ARGS` in this process: (exit code, stdout, stderr)."""
+    from sdscratch.__main__ import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(["evaluate", *map(str, args)])
+        except SystemExit as exit:  # argparse's usage errors
+            code = exit.code
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--model", "/no/such/folder"), "/no/such/folder"),
+        (("--samples", 0), "must be 1 or more"),
+        (("--steps", "x"), "--steps"),
+        (("--guidance", -1), "--guidance: must be 0 or more"),
+        (("--sampler", "plms"), "invalid choice: 'plms'"),
+        (("--samples", 1), "at least two images"),
+    ],
+)
+def test_evaluate_errors_are_one_line_and_exit_code_2(checkpoint, args, message):
+    if "--model" not in args:
+        args = ("--model", checkpoint, "--steps", 1, *args)
+    code, out, err = evaluate(*args)
+    assert code == 2 and out == "", (code, out, err)
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert message in err
+
+
+@needs_judge
+@needs_clip
+def test_evaluate_prints_one_json_line(checkpoint):
+    code, out, err = evaluate("--model", checkpoint, "--samples", 4, "--steps", 2,
+                              "--batch-size", 3, "--guidance", 3)  # fmt: skip
+    assert code == 0, err
+    assert out.count("\n") == 1
+    result = json.loads(out)
+    assert result["model"] == str(checkpoint) and result["samples"] == 4
+    assert (result["sampler"], result["steps"], result["guidance"]) == ("ddim", 2, 3)
+    for key in ("prompt_accuracy_one_object", "prompt_accuracy_two_objects", "fid",
+                "fid_floor", "clip_score", "seconds_per_image"):  # fmt: skip
+        assert isinstance(result[key], float), key
