@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from sdscratch.layers import Upsample  # nearest ×2 then a 3×3 conv, as the UNet's
+
 
 @dataclass
 class VAEConfig:
@@ -25,7 +27,7 @@ class VAEConfig:
 
     in_channels: int = 3  # image channels (RGB)
     latent_channels: int = 4  # channels of the latent; SD v1: 4
-    block_out_channels: tuple = (32, 64, 64)  # width per resolution; SD v1: 128..512
+    block_out_channels: tuple = (32, 32, 64)  # width per resolution; SD v1: 128..512
     layers_per_block: int = 1  # ResNet blocks per resolution (decoder: one more)
     norm_num_groups: int = 16  # GroupNorm groups; SD v1: 32
     scaling_factor: float = 1.0  # latents × this have unit std; SD v1: 0.18215
@@ -104,17 +106,6 @@ class Downsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1)))  # SD's asymmetric padding
-
-
-class Upsample(nn.Module):
-    """Double height and width: nearest-neighbour repeat, then a 3×3 conv."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class ResnetStage(nn.Module):
@@ -277,3 +268,52 @@ class VAE(nn.Module):
         posterior = self.encode(x)
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return self.decode(z)
+
+
+# ---------------------------------------------------------------------------------
+# Training and measuring
+
+
+def vae_loss(vae: VAE, images: torch.Tensor, kl_weight=1e-6, generator=None):
+    """The training objective: squared error of a decoded posterior sample, plus KL.
+
+    A β-weighted evidence lower bound (Kingma & Welling 2014, eq. 10), per number:
+    mean squared error over pixels + β · KL over latent numbers. SD's autoencoder
+    uses L1 plus a perceptual and an adversarial term (Rombach et al. 2022, section
+    3.1) for crisp textures; flat-coloured shapes need neither, and the squared error
+    is what PSNR measures. β is so small that reconstructions stay sharp, yet the KL
+    keeps the latents bounded and a little noisy, so that their neighbourhoods decode
+    to similar images.
+
+    Args:
+        images: (B, 3, H, W) in [-1, 1].
+        kl_weight: β, the weight of the KL per latent number.
+        generator: draws the posterior sample.
+    """
+    posterior = vae.encode(images)
+    reconstructions = vae.decode(posterior.sample(generator))
+    reconstruction = (reconstructions - images).pow(2).mean()
+    kl = posterior.kl().mean() / posterior.mean[0].numel()  # per latent number
+    return reconstruction + kl_weight * kl
+
+
+def psnr(images: torch.Tensor, reconstructions: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio in dB of images in [-1, 1], over the whole batch.
+
+    10·log10(peak² / MSE) with the peak-to-peak range 2; reconstructions are clamped
+    to [-1, 1] first, as they are when shown.
+    """
+    mse = (reconstructions.clamp(-1, 1) - images).pow(2).mean()
+    return (10 * torch.log10(4.0 / mse)).item()
+
+
+@torch.no_grad()
+def measure_scaling_factor(vae: VAE, images: torch.Tensor, generator=None) -> float:
+    """1 / std of posterior samples: the factor that gives the latents unit variance.
+
+    SD v1's 0.18215 was estimated this way on its training images (Rombach et al.
+    2022 rescale the latents by one such scalar); the diffusion model then sees
+    latents of about the same scale as the noise it learns to remove.
+    """
+    latents = torch.cat([vae.encode(x).sample(generator) for x in images.split(256)])
+    return 1.0 / latents.std().item()

@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-from sdscratch.vae import VAE, DiagonalGaussian, VAEConfig
+from sdscratch.vae import (
+    VAE,
+    DiagonalGaussian,
+    VAEConfig,
+    measure_scaling_factor,
+    psnr,
+    vae_loss,
+)
 
 
 def test_sd_v1_config_has_the_parameter_count_of_sd_v1():
@@ -70,3 +77,32 @@ def test_kl_weight_gradient_pushes_toward_the_prior():
     parameters = torch.full((1, 2, 1, 1), 1.0, requires_grad=True)
     DiagonalGaussian(parameters).kl().sum().backward()
     assert (parameters.grad > 0).all()  # both mean and log-variance shrink to 0
+
+
+def test_vae_loss_trains_and_psnr_measures():
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(4, 3, 16, 16, generator=g) * 2 - 1
+    assert psnr(images, images) == float("inf")
+    assert psnr(images, torch.zeros_like(images)) == pytest.approx(
+        10 * torch.log10(4 / images.pow(2).mean()).item()
+    )
+    vae = VAE(VAEConfig(block_out_channels=(8, 16), norm_num_groups=4))
+    loss = vae_loss(vae, images, kl_weight=1.0, generator=g)
+    loss.backward()
+    assert all(p.grad is not None for p in vae.parameters())
+    factor = measure_scaling_factor(vae, images, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        z = vae.encode(images).sample(torch.Generator().manual_seed(0))
+    assert (z * factor).std().item() == pytest.approx(1.0, rel=1e-4)
+
+
+def test_vae_recipe_writes_a_loadable_checkpoint_and_manifest(tmp_path):
+    from sdscratch.checkpoint import load_component, verify
+    from sdscratch.recipes import run_recipe
+
+    manifest = run_recipe("vae", out=tmp_path, seed=0, steps=2)
+    assert set(manifest["quality"]) >= {"psnr_db_val", "scaling_factor"}
+    assert verify(tmp_path)["command"].endswith(f"--steps 2 --out {tmp_path}")
+    vae = load_component(tmp_path / "vae", VAE, VAEConfig)
+    assert vae.config.scaling_factor == manifest["quality"]["scaling_factor"]
+    assert vae.encode(torch.zeros(1, 3, 32, 32)).mean.shape == (1, 4, 8, 8)
