@@ -13,13 +13,19 @@ a small conv net: CLIP shipped ResNet image encoders too, and at 32×32 pixels o
 a conv net learns fastest.
 """
 
+import functools
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+
+from sdscratch import checkpoint
+from sdscratch.checkpoint import load_component, resolve, save_component
+from sdscratch.tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------------
 # The text encoder
@@ -153,16 +159,22 @@ class TextEncoder(nn.Module):
         x = self.encoder(x, causal=True)
         return self.final_layer_norm(x)
 
+    def end_positions(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids -> (B,) the place of each row's end token."""
+        if self.config.eos_token_id is None:  # original CLIP: the highest id
+            return ids.argmax(dim=-1)
+        return (ids == self.config.eos_token_id).int().argmax(dim=-1)  # the first
+
     def pool(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """(B, L, D) hidden states -> (B, D): the state at each row's end token."""
-        if self.config.eos_token_id is None:  # original CLIP: the highest id
-            end = ids.argmax(dim=-1)
-        else:  # the first end token (padding may repeat it)
-            end = (ids == self.config.eos_token_id).int().argmax(dim=-1)
-        return hidden[torch.arange(len(ids), device=ids.device), end]
+        rows = torch.arange(len(ids), device=ids.device)
+        return hidden[rows, self.end_positions(ids)]
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, L) ids -> (B, E) unit vectors in the joint text-image space."""
+        # Under the causal mask no end token sees the padding after it, so the
+        # batch is cut after its last end token: same result, less work.
+        ids = ids[:, : int(self.end_positions(ids).max()) + 1]
         pooled = self.pool(self(ids), ids)
         return F.normalize(self.text_projection(pooled), dim=-1)
 
@@ -181,9 +193,9 @@ class ImageEncoderConfig:
 class ImageEncoder(nn.Module):
     """A small conv net: images -> unit vectors in the joint text-image space.
 
-    Each stage is conv 3×3, GroupNorm, SiLU, then a stride-2 conv 3×3, GroupNorm,
-    SiLU. The last feature map is flattened, not averaged, so that where a shape
-    sits ("on the left", "above") survives into the embedding.
+    Each stage is a stride-2 conv 3×3 (halving H and W), GroupNorm, SiLU, then a
+    conv 3×3, GroupNorm, SiLU. The last feature map is flattened, not averaged, so
+    that where a shape sits ("on the left", "above") survives into the embedding.
     """
 
     def __init__(self, config: ImageEncoderConfig):
@@ -191,8 +203,8 @@ class ImageEncoder(nn.Module):
         self.config = config
         layers, c_in = [], 3
         for c in config.channels:
-            layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.GroupNorm(8, c), nn.SiLU()]
-            layers += [nn.Conv2d(c, c, 3, stride=2, padding=1), nn.GroupNorm(8, c)]
+            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.GroupNorm(8, c)]
+            layers += [nn.SiLU(), nn.Conv2d(c, c, 3, padding=1), nn.GroupNorm(8, c)]
             layers += [nn.SiLU()]
             c_in = c
         self.features = nn.Sequential(*layers)
@@ -243,15 +255,17 @@ class CLIP(nn.Module):
         return self.image_encoder(images.to(device)) @ self.text_encoder.embed(ids).T
 
     @classmethod
-    def from_pretrained(cls, name_or_path="shapes-clip", device=None) -> "CLIP":
-        """Load tokenizer/, text_encoder/ and image_encoder/ of a CLIP checkpoint
-        (a bundled name such as "shapes-clip", or a folder), checked against its
-        manifest."""
-        from sdscratch.checkpoint import load_component, resolve, verify
-        from sdscratch.tokenizer import Tokenizer
+    def from_pretrained(cls, name_or_path="shapes-clip", device=None, verify=True):
+        """Load tokenizer/, text_encoder/ and image_encoder/ of a CLIP checkpoint.
 
+        Args:
+            name_or_path: a bundled name such as "shapes-clip", or a folder.
+            verify: check every file against the checkpoint's MANIFEST.json first.
+        """
         root = resolve(name_or_path)
-        verify(root, components=("tokenizer", "text_encoder", "image_encoder"))
+        if verify:
+            parts = ("tokenizer", "text_encoder", "image_encoder")
+            checkpoint.verify(root, components=parts)
         text = load_component(root / "text_encoder", TextEncoder, TextEncoderConfig)
         image = load_component(root / "image_encoder", ImageEncoder, ImageEncoderConfig)
         clip = cls(text, image, Tokenizer.from_pretrained(root / "tokenizer"))
@@ -262,19 +276,148 @@ class CLIP(nn.Module):
 
         The temperature only matters for training and is not saved.
         """
-        from sdscratch.checkpoint import save_component
-
+        root = Path(root)
         self.tokenizer.save_pretrained(root / "tokenizer")
         text, image = self.text_encoder, self.image_encoder
         save_component(text, root / "text_encoder", text.config, dtype=dtype)
         save_component(image, root / "image_encoder", image.config, dtype=dtype)
 
 
-def contrastive_loss(logits: torch.Tensor) -> torch.Tensor:
+def contrastive_loss(logits: torch.Tensor, same=None) -> torch.Tensor:
     """CLIP's symmetric cross-entropy: image i belongs with text i (Figure 3).
 
     Args:
-        logits: (B, B) scaled similarities, images along rows, texts along columns.
+        logits: (B, T) scaled similarities of B images (rows) with T >= B texts:
+            text i is image i's caption; further texts are extra captions that
+            belong to no image of the batch ("hard negatives", NegCLIP:
+            Yuksekgonul et al. 2023), which only the image-to-text side sees.
+        same: optional (B, T) bool, True where image i and text j show the same
+            scene (two captions of one picture are not negatives of each other):
+            the target is then spread evenly over those texts (and images).
     """
-    targets = torch.arange(len(logits), device=logits.device)
-    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+    b = len(logits)
+    if same is None:
+        same = torch.eye(b, logits.shape[1], dtype=torch.bool, device=logits.device)
+    image_to_text = F.cross_entropy(logits, _spread(same))
+    text_to_image = F.cross_entropy(logits[:, :b].T, _spread(same[:, :b].T))
+    return (image_to_text + text_to_image) / 2
+
+
+def _spread(same: torch.Tensor) -> torch.Tensor:
+    """Target probabilities: each row's True entries share the row evenly."""
+    return same.float() / same.sum(dim=1, keepdim=True)
+
+
+# ----------------------------------------------------------------------------------
+# Zero-shot evaluation on Shapes
+
+
+def caption_choices(attrs: dict) -> dict[str, list[str]]:
+    """The zero-shot questions about one Shapes scene: name -> [true caption, wrong
+    captions...], all canonical captions.
+
+    One object: its "shape", "colour", "size" or "position" changed (one question
+    each), and "one_object_caption": all 360 one-object captions. Two objects:
+    "relation" (the other three), "order" (the two objects swapped), "binding"
+    (their colours swapped) and "two_object_caption" (every one-word change, and
+    those swaps).
+    """
+    from sdscratch.data import canonical_caption, strip_geometry
+
+    attrs = strip_geometry(attrs)
+    truth = canonical_caption(attrs)
+    questions = {}
+    for name, edits in scene_edits(attrs).items():
+        wrong = {canonical_caption(edit) for edit in edits} - {truth}
+        if wrong:
+            questions[name] = [truth, *sorted(wrong)]
+    if attrs["relation"] is None:
+        questions["one_object_caption"] = [truth, *_one_object_captions() - {truth}]
+    return questions
+
+
+@functools.cache
+def _one_object_captions() -> frozenset:
+    from sdscratch.data import COLOURS, POSITIONS, SHAPES, SIZES, canonical_caption
+
+    return frozenset(
+        canonical_caption({"objects": [obj], "relation": None})
+        for obj in (
+            {"shape": a, "colour": b, "size": c, "position": d}
+            for a in SHAPES
+            for b in COLOURS
+            for c in SIZES
+            for d in POSITIONS
+        )
+    )
+
+
+def scene_edits(attrs: dict) -> dict[str, list[dict]]:
+    """Scenes that differ from `attrs` in one way, grouped by question (their
+    captions only: positions are not updated when the relation changes)."""
+    from sdscratch.data import COLOURS, POSITIONS, RELATIONS, SHAPES, SIZES
+
+    values = {"shape": SHAPES, "colour": COLOURS, "size": SIZES, "position": POSITIONS}
+    objects, relation = attrs["objects"], attrs["relation"]
+
+    def changed(i, key, value):
+        copy = [dict(obj) for obj in objects]
+        copy[i][key] = value
+        return {"objects": copy, "relation": relation}
+
+    if relation is None:
+        return {key: [changed(0, key, v) for v in vals] for key, vals in values.items()}
+    first, second = objects
+    swapped = [
+        {**first, "colour": second["colour"]},
+        {**second, "colour": first["colour"]},
+    ]
+    edits = {
+        "relation": [{"objects": objects, "relation": r} for r in RELATIONS],
+        "order": [{"objects": [second, first], "relation": relation}],
+        "binding": [{"objects": swapped, "relation": relation}],
+    }
+    one_word = [
+        changed(i, key, v)
+        for i in (0, 1)
+        for key in ("shape", "colour", "size")
+        for v in values[key]
+    ]
+    swaps = edits["relation"] + edits["order"] + edits["binding"]
+    edits["two_object_caption"] = one_word + swaps
+    return edits
+
+
+@torch.no_grad()
+def zero_shot_accuracy(clip: CLIP, images: torch.Tensor, scenes: list) -> dict:
+    """How often the true caption of a held-out Shapes image scores highest.
+
+    Args:
+        clip: a `CLIP` with its tokenizer.
+        images: (N, 3, H, W) Shapes images in [-1, 1].
+        scenes: their N attrs dicts.
+    Returns:
+        {question: {"accuracy": share right, "chance": expected share by guessing,
+        "n": number of scenes asked}} for the questions of `caption_choices`.
+    """
+    questions = [caption_choices(attrs) for attrs in scenes]
+    captions = sorted({c for q in questions for choices in q.values() for c in choices})
+    row = {caption: i for i, caption in enumerate(captions)}
+    device = clip.logit_scale.device
+    ids = clip.tokenizer(captions).to(device)  # (C, L)
+    text = torch.cat([clip.text_encoder.embed(x) for x in ids.split(1024)])  # (C, E)
+    image = torch.cat([clip.image_encoder(x.to(device)) for x in images.split(512)])
+    hits, chance = {}, {}
+    for i, question in enumerate(questions):
+        for name, choices in question.items():
+            scores = text[[row[c] for c in choices]] @ image[i]  # (len(choices),)
+            hits.setdefault(name, []).append(scores.argmax().item() == 0)
+            chance.setdefault(name, []).append(1 / len(choices))
+    return {
+        name: {
+            "accuracy": round(sum(hits[name]) / len(hits[name]), 4),
+            "chance": round(sum(chance[name]) / len(chance[name]), 4),
+            "n": len(hits[name]),
+        }
+        for name in hits
+    }

@@ -28,6 +28,8 @@ from pathlib import Path
 import regex
 import torch
 
+from sdscratch.checkpoint import CheckpointError, resolve
+
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 END_OF_WORD = "</w>"
 # CLIP's pre-tokenisation pattern (\p{L}: any letter, \p{N}: any digit).
@@ -199,8 +201,6 @@ class Tokenizer:
             name_or_path: a folder with those files, or a checkpoint (bundled name
                 such as "shapes-clip", or folder) with a tokenizer/ sub-folder.
         """
-        from sdscratch.checkpoint import CheckpointError, resolve
-
         folder = resolve(name_or_path)
         if (folder / "tokenizer").is_dir():
             folder = folder / "tokenizer"

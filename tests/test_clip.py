@@ -15,9 +15,12 @@ from sdscratch.clip import (
     ImageEncoderConfig,
     TextEncoder,
     TextEncoderConfig,
+    caption_choices,
     contrastive_loss,
 )
+from sdscratch.data import Shapes
 from sdscratch.port import text_encoder_from_transformers
+from sdscratch.recipes import run_recipe
 
 TINY_CONFIGS = {
     "quick_gelu": dict(
@@ -179,3 +182,71 @@ def test_clip_logits_are_scaled_cosines_and_the_temperature_learns():
     torch.testing.assert_close(logits, cosines / 0.07)
     contrastive_loss(logits).backward()
     assert clip.logit_scale.grad is not None and clip.logit_scale.grad != 0
+
+
+def test_contrastive_loss_does_not_push_apart_captions_of_one_scene():
+    logits = torch.randn(4, 4, generator=torch.Generator().manual_seed(0))
+    eye = torch.eye(4, dtype=torch.bool)
+    torch.testing.assert_close(contrastive_loss(logits, eye), contrastive_loss(logits))
+    same = eye.clone()
+    same[0, 1] = same[1, 0] = True  # scenes 0 and 1 show the same picture
+    logits = (20.0 * same).requires_grad_()  # each image matches both its captions
+    contrastive_loss(logits, same).backward()
+    assert logits.grad.abs().max() < 1e-6  # nothing to learn: already right
+    logits.grad = None
+    contrastive_loss(logits).backward()  # plain CLIP would pull 0 and 1 apart
+    assert logits.grad[0, 1] > 0.1 and logits.grad[1, 0] > 0.1
+
+
+def test_zero_shot_questions_name_the_right_distractors():
+    one = {
+        "objects": [
+            {"shape": "circle", "colour": "red", "size": "small", "position": "left"}
+        ],
+        "relation": None,
+    }
+    questions = caption_choices(one)
+    assert questions["colour"][0] == "a small red circle on the left"
+    assert len(questions["colour"]) == 6 and len(questions["position"]) == 5
+    assert len(questions["size"]) == 2 and len(questions["one_object_caption"]) == 360
+    two = {
+        "objects": [
+            {"shape": "circle", "colour": "red", "size": "small", "position": "top"},
+            {
+                "shape": "square",
+                "colour": "blue",
+                "size": "large",
+                "position": "bottom",
+            },
+        ],
+        "relation": "above",
+    }
+    questions = caption_choices(two)
+    truth = "a small red circle above a large blue square"
+    assert questions["order"] == [truth, "a large blue square above a small red circle"]
+    assert questions["binding"] == [
+        truth,
+        "a small blue circle above a large red square",
+    ]
+    assert len(questions["relation"]) == 4
+    assert len(questions["two_object_caption"]) == 1 + 22 + 3 + 2
+    assert len(set(questions["two_object_caption"])) == 28
+
+
+def test_clip_recipe_runs_and_its_checkpoint_loads(tmp_path):
+    manifest = run_recipe("clip", out=tmp_path, steps=2)
+    assert {"tokenizer", "text_encoder", "image_encoder"} <= {
+        p.name for p in tmp_path.iterdir()
+    }
+    accuracy = manifest["quality"]["zero_shot"]
+    assert {"shape", "colour", "size", "position", "relation", "binding"} <= set(
+        accuracy
+    )
+    clip = CLIP.from_pretrained(tmp_path)  # checks the manifest's sha256 too
+    ids = clip.tokenizer(["a small red circle on the left"])
+    assert ids.shape == (1, clip.text_encoder.config.max_position_embeddings)
+    width = clip.text_encoder.config.hidden_size
+    assert clip.text_encoder(ids).shape == (1, ids.shape[1], width)
+    images, _, _ = Shapes("test", length=2).batch([0, 1])
+    similarity = clip.similarity(images, ["a red circle", "a blue square", "x"])
+    assert similarity.shape == (2, 3) and similarity.abs().max() <= 1 + 1e-5

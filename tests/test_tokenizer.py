@@ -7,6 +7,8 @@ import pytest
 import torch
 from transformers import CLIPTokenizer
 
+from sdscratch import assets_dir
+from sdscratch.data import Shapes, vocabulary
 from sdscratch.tokenizer import BOS, EOS, Tokenizer, clean, pre_tokenize, train_bpe
 
 CORPUS = """\
@@ -90,12 +92,18 @@ def random_strings(n, seed=0):
     return strings
 
 
-STRINGS = SPECIAL_CASES + CORPUS.splitlines() + random_strings(200)
+CAPTIONS = [Shapes("test").scene(i)[0] for i in range(40)]
+STRINGS = SPECIAL_CASES + CORPUS.splitlines() + CAPTIONS + random_strings(200)
+BUNDLED = assets_dir() / "models" / "shapes-clip" / "tokenizer"
 
 
-@pytest.fixture(scope="module", params=["corpus", "small"])
+@pytest.fixture(scope="module", params=["corpus", "small", "bundled"])
 def folder(request, tmp_path_factory):
-    """vocab.json + merges.txt of a vocabulary trained with `train_bpe`."""
+    """vocab.json + merges.txt: trained here with `train_bpe`, or the bundled CLIP's."""
+    if request.param == "bundled":
+        if not BUNDLED.is_dir():
+            pytest.skip("shapes-clip is not built yet: python -m sdscratch train clip")
+        return BUNDLED
     size = 1000 if request.param == "corpus" else 600
     tokenizer = train_bpe(CORPUS.splitlines() * 3, vocab_size=size)
     return tokenizer.save_pretrained(tmp_path_factory.mktemp(request.param))
@@ -142,8 +150,8 @@ def test_decode_equals_transformers(folder):
         assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True), text
 
 
-def test_tokens_are_the_learned_pieces(folder):
-    tokenizer = Tokenizer.from_pretrained(folder)
+def test_tokens_are_the_learned_pieces():
+    tokenizer = train_bpe(CORPUS.splitlines() * 3, vocab_size=1000)
     assert tokenizer.tokenize("the prompt") == ["the</w>", "prompt</w>"]
     assert pre_tokenize(clean("It's  A\tTEST!?")) == ["it", "'s", "a", "test", "!?"]
     assert len(tokenizer.tokenize("zqxj")) == 4  # unseen: one byte each
@@ -189,3 +197,12 @@ def test_trainer_stops_when_every_word_is_one_token():
         assert tokenizer.tokenize(word) == [word + "</w>"]
     assert tokenizer.vocab[BOS] == len(tokenizer) - 2
     assert tokenizer.vocab[EOS] == len(tokenizer) - 1
+
+
+def test_bundled_vocabulary_is_small_and_holds_every_caption_word():
+    if not BUNDLED.is_dir():
+        pytest.skip("shapes-clip is not built yet: python -m sdscratch train clip")
+    tokenizer = Tokenizer.from_pretrained("shapes-clip")
+    assert len(tokenizer) <= 1000
+    for word in vocabulary():
+        assert tokenizer.tokenize(word) == [word + "</w>"]
