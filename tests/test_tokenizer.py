@@ -135,11 +135,11 @@ def test_padded_batch_equals_transformers(folder):
     expected = theirs(
         STRINGS,
         padding="max_length",
-        max_length=77,
+        max_length=ours.context_length,  # 77, or the bundled CLIP's 32
         truncation=True,
         return_tensors="pt",
     ).input_ids
-    assert ids.dtype == torch.long and ids.shape == (len(STRINGS), 77)
+    assert ids.dtype == torch.long and ids.shape == (len(STRINGS), ours.context_length)
     torch.testing.assert_close(ids, expected, rtol=0, atol=0)
 
 
