@@ -8,6 +8,7 @@ number of training steps (for short runs and tests); it returns the quality it
 measured, as a dict. Together the recipes run in 60 minutes or less on a 2-core CPU.
 """
 
+import contextlib
 import os
 import random
 import shlex
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 from sdscratch import assets_dir
-from sdscratch.checkpoint import write_manifest
+from sdscratch.checkpoint import resolve, write_manifest
 
 RECIPES = {}
 
@@ -338,3 +339,284 @@ def _train_clip(out, seed, steps):
         "batch_size": CLIP_BATCH,
         "cpu_seconds": round(time.process_time() - cpu_start),  # summed over threads
     }
+
+
+# ----------------------------------------------------------------------------------
+# pixel-uncond, pixel-text: Stable Diffusion's UNet on 32×32 Shapes pixels (lessons 03
+# and 06). Small widths and attention only at 8×8: pixel space is expensive on a CPU,
+# the latent model carries the quality. Trained on one thread: the budget is CPU time,
+# and on a busy 2-core machine a second thread mostly spins (measured: 0.6 against
+# 4.5 CPU seconds per step).
+
+PIXEL_STEPS = 450  # AdamW steps of PIXEL_BATCH scenes
+PIXEL_BATCH = 32
+PIXEL_LR = 3e-3
+PIXEL_SCENES = 10_240  # training scenes rendered once, reshuffled every epoch
+PIXEL_SAMPLES = 64  # samples (DDIM, 25 steps) that the quality figures are measured on
+
+
+def pixel_unet_config(cross_attention_dim=None):
+    """The bundled pixel UNets: (16, 32, 64) channels, one ResBlock per level,
+    a SpatialTransformer at 8×8 (with cross-attention if `cross_attention_dim`)."""
+    from sdscratch.unet import UNetConfig
+
+    return UNetConfig(
+        in_channels=3,
+        out_channels=3,
+        sample_size=32,
+        block_out_channels=(16, 32, 64),
+        layers_per_block=1,
+        attention_levels=(False, False, cross_attention_dim is not None),
+        mid_attention=True,
+        cross_attention_dim=cross_attention_dim,
+        num_heads=4,
+        norm_num_groups=8,
+    )
+
+
+@recipe("pixel-uncond", default_out="shapes-pixel-uncond")
+def pixel_uncond(out, seed, steps):
+    """An unconditional UNet on 32×32 Shapes pixels with SD v1's noise schedule.
+
+    DDPM loss, EMA weights saved in float16 to `out/unet`. Quality: held-out loss,
+    FID of samples (judge features) next to the real-vs-real floor, and the share of
+    the samples' pixels that are the background or one of the six colours.
+    """
+    import torch
+
+    from sdscratch.checkpoint import load_component, save_component
+    from sdscratch.schedules import NoiseSchedule
+    from sdscratch.unet import UNet, UNetConfig
+
+    steps, cpu_start = steps or PIXEL_STEPS, time.process_time()
+    with _one_thread():
+        config, schedule = pixel_unet_config(), NoiseSchedule.scaled_linear()
+        with torch.random.fork_rng():  # the initial weights, from the seed
+            torch.manual_seed(seed)
+            unet = UNet(config)
+        images = _val_images(min(PIXEL_SCENES, PIXEL_BATCH * steps), seed, "train")
+        ema, losses = _train_pixel_unet(unet, schedule, images, None, steps, seed)
+        save_component(ema, out / "unet", config, dtype=torch.float16)
+        bundled = load_component(out / "unet", UNet, UNetConfig)  # as stored
+        eps_fn = bundled  # unconditional: ε̂ = unet(x, t)
+        quality, _ = _pixel_quality(bundled, schedule, seed, eps_fn)
+    return {
+        "steps": steps,
+        "batch_size": PIXEL_BATCH,
+        "cpu_seconds": round(time.process_time() - cpu_start),  # one thread
+        "load_average": os.getloadavg()[0],
+        "parameters": sum(p.numel() for p in unet.parameters()),
+        "train_loss_last_50_steps": round(sum(losses[-50:]) / len(losses[-50:]), 4),
+        **quality,
+    }
+
+
+PIXEL_TEXT_STEPS = 700
+CAPTION_DROPOUT = 0.1  # share of training captions replaced by the empty prompt
+GUIDANCE = 3.0  # classifier-free guidance scale of the measured samples
+
+
+@recipe("pixel-text", default_out="shapes-pixel-text")
+def pixel_text(out, seed, steps):
+    """A text-conditioned UNet on 32×32 Shapes pixels.
+
+    Its cross-attention reads the hidden states of shapes-clip's frozen text
+    encoder, copied with its tokenizer into `out`. Captions are replaced by the
+    empty prompt CAPTION_DROPOUT of the time, so that one model also predicts the
+    unconditional noise: classifier-free guidance (Ho & Salimans 2022). Quality
+    adds the judge's prompt accuracy of guided samples of evaluation prompts.
+    """
+    import torch
+
+    from sdscratch.checkpoint import load_component, save_component
+    from sdscratch.data import Shapes
+    from sdscratch.metrics import evaluation_prompts, prompt_accuracy
+    from sdscratch.schedules import NoiseSchedule
+    from sdscratch.unet import UNet, UNetConfig
+
+    steps, cpu_start = steps or PIXEL_TEXT_STEPS, time.process_time()
+    with _one_thread():
+        encode = _copy_text_encoder(resolve("shapes-clip"), out)
+        hidden = encode([""])
+        config = pixel_unet_config(cross_attention_dim=hidden.shape[-1])
+        schedule = NoiseSchedule.scaled_linear()
+        with torch.random.fork_rng():  # the initial weights, from the seed
+            torch.manual_seed(seed)
+            unet = UNet(config)
+        count = min(PIXEL_SCENES, PIXEL_BATCH * steps)
+        images, captions, _ = Shapes("train", seed=seed, length=count).batch(
+            range(count)
+        )
+        contexts = encode(captions)  # (N, L, D), the frozen encoder's
+        ema, losses = _train_pixel_unet(
+            unet, schedule, images, contexts, steps, seed, empty=hidden[0]
+        )
+        save_component(ema, out / "unet", config, dtype=torch.float16)
+        bundled = load_component(out / "unet", UNet, UNetConfig)  # as stored
+        prompts, scenes = evaluation_prompts(PIXEL_SAMPLES, seed=seed)
+        eps_fn = guided(bundled, encode(prompts), hidden, GUIDANCE)
+        val_captions = Shapes("val", seed=seed, length=512).batch(range(512))[1]
+        quality, samples = _pixel_quality(
+            bundled, schedule, seed, eps_fn, encode(val_captions)
+        )
+        accuracy = prompt_accuracy(samples, scenes)
+    return {
+        "steps": steps,
+        "batch_size": PIXEL_BATCH,
+        "caption_dropout": CAPTION_DROPOUT,
+        "cpu_seconds": round(time.process_time() - cpu_start),  # one thread
+        "load_average": os.getloadavg()[0],
+        "parameters": sum(p.numel() for p in unet.parameters()),
+        "train_loss_last_50_steps": round(sum(losses[-50:]) / len(losses[-50:]), 4),
+        "guidance_scale": GUIDANCE,
+        f"prompt_accuracy_{PIXEL_SAMPLES}_test_prompts": round(accuracy, 3),
+        **quality,
+    }
+
+
+def _copy_text_encoder(source, out):
+    """Copy tokenizer/ and text_encoder/ of a CLIP checkpoint into `out`; return
+    `encode(list of str) -> (B, L, D)`, its frozen hidden states."""
+    import shutil
+
+    import torch
+
+    from sdscratch.checkpoint import load_component, verify
+    from sdscratch.clip import TextEncoder, TextEncoderConfig
+    from sdscratch.tokenizer import Tokenizer
+
+    verify(source, components=("tokenizer", "text_encoder"))
+    for part in ("tokenizer", "text_encoder"):
+        shutil.copytree(source / part, out / part, dirs_exist_ok=True)
+    tokenizer = Tokenizer.from_pretrained(out / "tokenizer")
+    encoder = load_component(out / "text_encoder", TextEncoder, TextEncoderConfig)
+
+    @torch.no_grad()
+    def encode(texts):
+        ids = tokenizer(texts)  # (B, L)
+        return torch.cat([encoder(chunk) for chunk in ids.split(512)])
+
+    return encode
+
+
+def guided(unet, context, empty, scale):
+    """Classifier-free guidance (Ho & Salimans 2022, eq. 6):
+    ε̂ = ε̂(x, ∅) + scale · (ε̂(x, text) − ε̂(x, ∅)).
+
+    Args:
+        context: (B, L, D) the prompts' hidden states; empty: (1, L, D) the empty
+            prompt's. Returns `eps_fn(x, t)` for `sdscratch.samplers.sample`.
+    """
+    import torch
+
+    def eps_fn(x, t):
+        both = torch.cat([empty.expand_as(context), context])  # (2B, L, D)
+        uncond, cond = unet(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+        return uncond + scale * (cond - uncond)
+
+    return eps_fn
+
+
+def _train_pixel_unet(unet, schedule, images, contexts, steps, seed, empty=None):
+    """`fit` the UNet on (images, contexts) batches; return its EMA and the losses.
+
+    contexts: (N, L, D) text hidden states, one per image, or None (unconditional).
+    empty: (L, D) the empty prompt's, put in place of CAPTION_DROPOUT of contexts.
+    """
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from sdscratch.train import EMA, diffusion_loss, fit
+
+    tensors = (images,) if contexts is None else (images, contexts)
+    batches = DataLoader(
+        TensorDataset(*tensors),
+        batch_size=PIXEL_BATCH,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
+        drop_last=len(images) > PIXEL_BATCH,
+    )
+    noise = torch.Generator().manual_seed(seed + 1)
+
+    def loss_fn(model, batch):
+        context = batch[1] if len(batch) > 1 else None
+        if empty is not None:
+            drop = torch.rand(len(context), generator=noise) < CAPTION_DROPOUT
+            context = torch.where(drop[:, None, None], empty, context)
+        return diffusion_loss(model, batch[0], schedule, noise, context)
+
+    ema = EMA(unet, decay=0.98)
+    warmup = min(30, steps // 10)
+    losses = fit(unet, loss_fn, batches, steps, PIXEL_LR, ema, warmup=warmup)
+    return ema.model, losses
+
+
+def _pixel_quality(unet, schedule, seed, eps_fn, contexts=None) -> dict:
+    """Held-out loss; FID (judge features) and solid-colour share of samples.
+
+    eps_fn: `eps_fn(x, t) -> ε̂` for the first PIXEL_SAMPLES noises (guided for
+    text models); contexts: (512, L, D) for the held-out loss, or None.
+    """
+    import torch
+
+    from sdscratch.metrics import (
+        fid_floor,
+        frechet_distance,
+        image_features,
+        real_features,
+    )
+    from sdscratch.samplers import sample
+    from sdscratch.train import diffusion_loss
+
+    n, images = PIXEL_SAMPLES, _val_images(512, seed)
+    held_out = torch.Generator().manual_seed(seed + 2)
+    with torch.no_grad():
+        val_loss = diffusion_loss(unet, images, schedule, held_out, contexts).item()
+        noise = torch.randn((n, 3, 32, 32), generator=held_out)
+        samples = sample(eps_fn, noise, "ddim", 25, schedule)
+    fid = frechet_distance(image_features(samples), real_features(n, "val", seed))
+    return {
+        "val_loss_512_scenes": round(val_loss, 4),
+        f"fid_{n}_samples_judge_features": round(fid, 2),
+        f"fid_{n}_real_vs_real_floor": round(fid_floor(n, seed=seed), 2),
+        "solid_colour_share_samples": round(solid_colour_share(samples), 3),
+        "solid_colour_share_real": round(solid_colour_share(images[:n]), 3),
+    }, samples
+
+
+def _val_images(n, seed, split="val"):
+    """The first n images of a split, (n, 3, 32, 32)."""
+    from sdscratch.data import Shapes
+
+    return Shapes(split, seed=seed, length=n).batch(range(n))[0]
+
+
+@contextlib.contextmanager
+def _one_thread():
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def solid_colour_share(images, tolerance=0.2) -> float:
+    """The share of pixels within `tolerance` (RGB distance, [-1, 1] units) of the
+    Shapes background or one of its six colours: ~0.95 for real scenes (the rest
+    are anti-aliased edges), low for blurry, noisy or muddy samples.
+
+    Args:
+        images: (B, 3, H, W) in [-1, 1].
+    """
+    import torch
+
+    from sdscratch.data import BACKGROUND, COLOURS
+
+    palette = [torch.tensor(rgb) / 127.5 - 1 for rgb in COLOURS.values()]
+    palette = torch.stack([torch.full((3,), BACKGROUND), *palette])  # (7, 3)
+    pixels = images.clamp(-1, 1).permute(0, 2, 3, 1).reshape(-1, 3)  # (B·H·W, 3)
+    distance = torch.cdist(pixels, palette).min(dim=1).values
+    return (distance < tolerance).float().mean().item()

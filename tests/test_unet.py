@@ -113,3 +113,33 @@ def test_trains():
         optimizer.step()
     assert all(p.grad is not None for p in unet.parameters())
     assert losses[-1] < losses[0]
+
+
+def test_pixel_uncond_recipe_runs_and_writes_a_loadable_checkpoint(tmp_path):
+    from sdscratch.checkpoint import verify
+    from sdscratch.recipes import run_recipe
+
+    manifest = run_recipe("pixel-uncond", out=tmp_path, steps=2)
+    assert verify(tmp_path) == manifest
+    assert set(manifest["sha256"]) == {"unet/config.json", "unet/model.safetensors"}
+    unet = load_component(tmp_path / "unet", UNet, UNetConfig)
+    assert unet.config.cross_attention_dim is None and unet.config.in_channels == 3
+    quality = manifest["quality"]
+    assert quality["val_loss_512_scenes"] > 0 and quality["cpu_seconds"] >= 0
+    assert 0.5 < quality["solid_colour_share_real"] <= 1
+
+
+def test_pixel_text_recipe_runs_and_bundles_its_text_encoder(tmp_path):
+    from sdscratch import assets_dir
+    from sdscratch.checkpoint import verify
+    from sdscratch.recipes import run_recipe
+
+    if not (assets_dir() / "models" / "shapes-clip").is_dir():
+        pytest.skip("needs the bundled shapes-clip text encoder")
+    manifest = run_recipe("pixel-text", out=tmp_path, steps=2)
+    assert verify(tmp_path) == manifest
+    parts = {name.split("/")[0] for name in manifest["sha256"]}
+    assert parts == {"unet", "tokenizer", "text_encoder"}
+    unet = load_component(tmp_path / "unet", UNet, UNetConfig)
+    assert unet.config.cross_attention_dim is not None
+    assert 0 <= manifest["quality"]["prompt_accuracy_64_test_prompts"] <= 1
