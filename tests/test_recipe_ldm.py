@@ -1,0 +1,62 @@
+"""The ldm recipe, run short (`--steps 2`) on tiny random frozen parts in tmp_path.
+
+The recipe's real run uses the bundled shapes-vae and shapes-clip; here tiny random
+stand-ins (with manifests, as the recipe checks them) keep the test fast and
+independent of the bundled checkpoints.
+"""
+
+import pytest
+import torch
+
+from sdscratch import recipes
+from sdscratch.checkpoint import read_manifest, save_component, verify, write_manifest
+from sdscratch.clip import TextEncoder, TextEncoderConfig
+from sdscratch.data import Shapes
+from sdscratch.pipeline import StableDiffusion
+from sdscratch.tokenizer import train_bpe
+from sdscratch.vae import VAE, VAEConfig
+
+
+@pytest.fixture
+def tiny_parts(tmp_path, monkeypatch):
+    """A random 32×32 -> 8×8×4 VAE and a random text encoder, each with a manifest."""
+    captions = [Shapes().scene(i)[0] for i in range(200)]
+    tokenizer = train_bpe(captions, vocab_size=600, context_length=32)
+    torch.manual_seed(0)
+    config = TextEncoderConfig(len(tokenizer), 32, 32, 64, 1, 2, "quick_gelu", 1e-5,
+                               tokenizer.eos_id)  # fmt: skip
+    clip, vae = tmp_path / "clip", tmp_path / "vae"
+    save_component(TextEncoder(config), clip / "text_encoder", config)
+    tokenizer.save_pretrained(clip / "tokenizer")
+    vae_config = VAEConfig(block_out_channels=(8, 8, 8), norm_num_groups=4)
+    save_component(VAE(vae_config), vae / "vae", vae_config)
+    for root in (clip, vae):
+        write_manifest(root, "a test's stand-in", 0, 0.0, {})
+    monkeypatch.setitem(recipes.LDM_PARTS, "vae", str(vae))
+    monkeypatch.setitem(recipes.LDM_PARTS, "clip", str(clip))
+    return tmp_path
+
+
+def test_ldm_recipe_short_run_writes_a_loadable_checkpoint(tiny_parts):
+    out = tiny_parts / "ldm"
+    manifest = recipes.run_recipe("ldm", out=out, steps=2)
+    assert manifest["command"].endswith(f"train ldm --seed 0 --steps 2 --out {out}")
+    quality = read_manifest(out)["quality"]
+    assert quality["steps"] == 2 and quality["eval_images"] == 20
+    assert 0 <= quality["prompt_accuracy_two_objects"] <= 1
+    assert quality["fid"] > 0 and quality["cpu_seconds"] >= 0
+    verify(out)
+    for name in ("vae", "text_encoder", "tokenizer"):  # copies of the frozen parts
+        source = tiny_parts / ("vae" if name == "vae" else "clip") / name
+        for file in source.iterdir():
+            assert (out / name / file.name).read_bytes() == file.read_bytes()
+    pipe = StableDiffusion.from_pretrained(out)
+    images = pipe("a red circle", num_inference_steps=2,
+                  generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert images[0].size == (32, 32)
+
+
+def test_ldm_recipe_refuses_a_missing_part(tiny_parts, monkeypatch):
+    monkeypatch.setitem(recipes.LDM_PARTS, "vae", str(tiny_parts / "missing"))
+    with pytest.raises(ValueError, match="No checkpoint"):
+        recipes.run_recipe("ldm", out=tiny_parts / "ldm", steps=2)
