@@ -24,10 +24,11 @@ lab: $(STAMP)
 	$(BIN)/jupyter lab --ServerApp.root_dir=lessons $(ROOT_FLAG) $(LAB_ARGS)
 
 ## make test: lint, unit tests, every lesson run top to bottom as a test, and the
-## course website built and opened in a headless Chromium
+## course website built and opened in a headless Chromium. Two pytest workers on two
+## cores: one torch thread each, since two threads per worker wait on each other.
 test: $(STAMP) chromium
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -n 2 --dist loadscope $(NBVAL) tests lessons
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadscope $(NBVAL) tests lessons
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
