@@ -13,13 +13,11 @@
 
 import argparse
 import math
-import os
-import platform
 import statistics
 import time
 
-import numpy as np
 import torch
+from _machine import machine  # benchmarks/_machine.py, beside this script
 
 from sdscratch.metrics import (
     attribute_accuracy,
@@ -32,20 +30,6 @@ from sdscratch.metrics import (
 )
 
 SIZES = (256, 512, 1024, 2048)
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as file:
-            names = [line.split(":", 1)[1] for line in file if "model name" in line]
-        cpu = names[0].strip() if names else cpu
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    versions = f"torch {torch.__version__}, numpy {np.__version__}"
-    return (
-        f"{cpu}, {os.cpu_count()} cores, load average {load}; "
-        f"Python {platform.python_version()}, {versions}"
-    )
 
 
 def show(name: str, accuracy: dict):

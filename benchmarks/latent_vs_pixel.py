@@ -20,11 +20,11 @@ Take figures under the CPU lock: `flock /tmp/sdscratch-cpu.lock python ...`.
 
 import argparse
 import os
-import platform
 import statistics
 import time
 
 import torch
+from _machine import machine  # benchmarks/_machine.py, beside this script
 
 from sdscratch.recipes import ldm_unet_config
 from sdscratch.samplers import sample
@@ -100,9 +100,7 @@ def main():
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch "
-          f"{torch.__version__} with {torch.get_num_threads()} threads, load "
-          f"average {os.getloadavg()[0]:.1f} at the start")  # fmt: skip
+    print(f"machine: {machine()}")
     built = models()
     for name, unet, shape, _ in built:
         params = sum(p.numel() for p in unet.parameters())

@@ -19,13 +19,13 @@ from there. Take figures under the CPU lock: `flock /tmp/sdscratch-cpu.lock ...`
 import argparse
 import importlib.util
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from _machine import machine  # benchmarks/_machine.py, beside this script
 
 from sdscratch.checkpoint import CheckpointError, load_component, resolve, verify
 from sdscratch.samplers import sample
@@ -42,18 +42,6 @@ def equivalence_tests():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as file:
-            names = [line.split(":", 1)[1] for line in file if "model name" in line]
-        cpu = names[0].strip() if names else cpu
-    return (
-        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads"
-    )
 
 
 def load_unet(name):

@@ -9,30 +9,14 @@ machine and its load, since other processes on a shared machine slow it down.
 """
 
 import argparse
-import os
-import platform
 import time
 
-import numpy as np
 import torch
+from _machine import machine  # benchmarks/_machine.py, beside this script
 
 from sdscratch.data import Shapes, collate
 
 TARGET = 2000  # images per second at 32x32, one core
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as file:
-            names = [line.split(":", 1)[1] for line in file if "model name" in line]
-        cpu = names[0].strip() if names else cpu
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    versions = f"torch {torch.__version__}, numpy {np.__version__}"
-    return (
-        f"{cpu}, {os.cpu_count()} cores, load average {load}; "
-        f"Python {platform.python_version()}, {versions}"
-    )
 
 
 def rate(fetch, seconds) -> tuple[float, float]:

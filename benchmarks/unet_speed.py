@@ -11,11 +11,11 @@ Take figures under the CPU lock: `flock /tmp/sdscratch-cpu.lock python ...`.
 
 import argparse
 import os
-import platform
 import statistics
 import time
 
 import torch
+from _machine import machine  # benchmarks/_machine.py, beside this script
 from diffusers import UNet2DConditionModel
 
 from sdscratch.port import unet_from_diffusers
@@ -92,11 +92,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=30)
     args = parser.parse_args()
-    print(
-        f"machine: {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads"
-    )
+    print(f"machine: {machine()}")
     print(f"load average before: {os.getloadavg()[0]:.2f}")
     for name, (config, shape) in CONFIGS.items():
         medians, error = compare(config, shape, args.rounds)

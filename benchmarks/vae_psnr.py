@@ -9,25 +9,16 @@ PSNRs, for one- and two-object scenes, plus the latents' statistics after scalin
 """
 
 import argparse
-import os
-import platform
 import time
 
 import torch
+from _machine import machine  # benchmarks/_machine.py, beside this script
 
 from sdscratch.checkpoint import load_component, resolve, verify
 from sdscratch.data import Shapes
 from sdscratch.vae import VAE, VAEConfig, psnr
 
 TARGET = 30.0  # dB, 32x32 images through 8x8x4 latents
-
-
-def machine() -> str:
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (
-        f"{platform.machine()}, {os.cpu_count()} cores, load average {load}; "
-        f"Python {platform.python_version()}, torch {torch.__version__}"
-    )
 
 
 @torch.no_grad()
