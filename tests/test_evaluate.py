@@ -7,7 +7,6 @@ import pytest
 import torch
 from _cli import run_in_process
 
-from sdscratch import assets_dir
 from sdscratch.metrics import (
     Judge,
     JudgeConfig,
@@ -17,11 +16,6 @@ from sdscratch.metrics import (
     real_images,
 )
 from sdscratch.pipeline import StableDiffusion
-
-JUDGE = assets_dir() / "models" / "shapes-judge"
-CLIP = assets_dir() / "models" / "shapes-clip"
-needs_judge = pytest.mark.skipif(not JUDGE.is_dir(), reason="no bundled shapes-judge")
-needs_clip = pytest.mark.skipif(not CLIP.is_dir(), reason="no bundled shapes-clip")
 
 
 def tiny_pipeline() -> StableDiffusion:
@@ -102,7 +96,6 @@ class PerfectPipeline(StableDiffusion):
         return self.images[self.done - len(prompts) : self.done]
 
 
-@needs_judge
 def test_a_perfect_model_is_always_right_and_scores_the_floor():
     from test_metrics import tiny_clip
 
@@ -146,8 +139,6 @@ def test_evaluate_errors_are_one_line_and_exit_code_2(checkpoint, args, message)
     assert message in err
 
 
-@needs_judge
-@needs_clip
 def test_evaluate_prints_one_json_line(checkpoint):
     code, out, err = evaluate("--model", checkpoint, "--samples", 4, "--steps", 2,
                               "--batch-size", 3, "--guidance", 3)  # fmt: skip

@@ -34,9 +34,6 @@ from sdscratch.recipes import run_recipe
 from sdscratch.viz import to_pil
 
 JUDGE = assets_dir() / "models" / "shapes-judge"
-CLIP = assets_dir() / "models" / "shapes-clip"
-needs_judge = pytest.mark.skipif(not JUDGE.is_dir(), reason="no bundled shapes-judge")
-needs_clip = pytest.mark.skipif(not CLIP.is_dir(), reason="no bundled shapes-clip")
 
 
 def scene(text: str) -> dict:
@@ -201,7 +198,6 @@ def test_prompt_accuracy_counts_every_wrong_attribute():
 # The bundled judge on real images it never saw
 
 
-@needs_judge
 def test_bundled_judge_reads_held_out_images():
     images, _, scenes = real_images(2000, "test", offset=5000)
     accuracy = attribute_accuracy(images, scenes)
@@ -213,7 +209,6 @@ def test_bundled_judge_reads_held_out_images():
     assert sum(p.stat().st_size for p in JUDGE.rglob("*")) <= 1_000_000
 
 
-@needs_judge
 def test_bundled_judge_on_constructed_scenes_pil_and_64_pixels():
     truth = [
         "a large red circle above a small blue square",
@@ -232,7 +227,6 @@ def test_bundled_judge_on_constructed_scenes_pil_and_64_pixels():
     assert predicted == [canonical(scene(t)) for t in truth]
 
 
-@needs_judge
 def test_perfect_generator_scores_the_floor():
     captions, scenes = evaluation_prompts(64)
     images, _, _ = real_images(64, "test")  # what the prompts describe, drawn exactly
@@ -315,7 +309,6 @@ def test_clip_score_is_100_times_the_clamped_cosine_of_each_pair():
         clip_score(images, captions[:3], clip)
 
 
-@needs_clip
 def test_bundled_clip_prefers_the_right_caption():
     images, captions, _ = real_images(200, "test")
     right = clip_score(images, captions)

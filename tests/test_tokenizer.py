@@ -101,8 +101,6 @@ BUNDLED = assets_dir() / "models" / "shapes-clip" / "tokenizer"
 def folder(request, tmp_path_factory):
     """vocab.json + merges.txt: trained here with `train_bpe`, or the bundled CLIP's."""
     if request.param == "bundled":
-        if not BUNDLED.is_dir():
-            pytest.skip("shapes-clip is not built yet: python -m sdscratch train clip")
         return BUNDLED
     size = 1000 if request.param == "corpus" else 600
     tokenizer = train_bpe(CORPUS.splitlines() * 3, vocab_size=size)
@@ -200,8 +198,6 @@ def test_trainer_stops_when_every_word_is_one_token():
 
 
 def test_bundled_vocabulary_is_small_and_holds_every_caption_word():
-    if not BUNDLED.is_dir():
-        pytest.skip("shapes-clip is not built yet: python -m sdscratch train clip")
     tokenizer = Tokenizer.from_pretrained("shapes-clip")
     assert len(tokenizer) <= 1000
     for word in vocabulary():

@@ -130,12 +130,9 @@ def test_pixel_uncond_recipe_runs_and_writes_a_loadable_checkpoint(tmp_path):
 
 
 def test_pixel_text_recipe_runs_and_bundles_its_text_encoder(tmp_path):
-    from sdscratch import assets_dir
     from sdscratch.checkpoint import verify
     from sdscratch.recipes import run_recipe
 
-    if not (assets_dir() / "models" / "shapes-clip").is_dir():
-        pytest.skip("needs the bundled shapes-clip text encoder")
     manifest = run_recipe("pixel-text", out=tmp_path, steps=2)
     assert verify(tmp_path) == manifest
     parts = {name.split("/")[0] for name in manifest["sha256"]}
