@@ -3,7 +3,6 @@ import sys
 
 import pytest
 import torch
-from _cli import run_in_process
 from PIL import Image
 
 
@@ -72,7 +71,18 @@ def checkpoint(tmp_path_factory):
 
 def generate(*args):
     """Run `sdscratch generate ARGS` in this process: (exit code, stdout, stderr)."""
-    return run_in_process("generate", *args)
+    import contextlib
+    import io
+
+    from sdscratch.__main__ import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(["generate", *map(str, args)])
+        except SystemExit as exit:  # argparse's usage errors
+            code = exit.code
+    return code, out.getvalue(), err.getvalue()
 
 
 def failure(*args) -> str:
