@@ -140,3 +140,39 @@ def test_pixel_text_recipe_runs_and_bundles_its_text_encoder(tmp_path):
     unet = load_component(tmp_path / "unet", UNet, UNetConfig)
     assert unet.config.cross_attention_dim is not None
     assert 0 <= manifest["quality"]["prompt_accuracy_64_test_prompts"] <= 1
+
+
+def test_bundled_pixel_text_loads_and_draws_the_prompted_colour():
+    """The committed shapes-pixel-text: manifest verifies, within its 4 MB budget,
+    carries shapes-clip's text encoder unchanged, and its guided samples take the
+    colour their prompt names."""
+    from sdscratch.checkpoint import resolve, verify
+    from sdscratch.clip import TextEncoder, TextEncoderConfig
+    from sdscratch.data import COLOURS
+    from sdscratch.recipes import guided
+    from sdscratch.samplers import sample
+    from sdscratch.tokenizer import Tokenizer
+
+    folder = resolve("shapes-pixel-text")
+    manifest = verify(folder)
+    assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) <= 4e6
+    clip = verify(resolve("shapes-clip"))["sha256"]
+    for name, digest in manifest["sha256"].items():
+        if not name.startswith("unet/"):
+            assert clip[name] == digest, name  # copies, not retrained
+    tokenizer = Tokenizer.from_pretrained(folder / "tokenizer")
+    encoder = load_component(folder / "text_encoder", TextEncoder, TextEncoderConfig)
+    unet = load_component(folder / "unet", UNet, UNetConfig)
+    prompts = [f"a large {colour} circle in the center" for colour in COLOURS]
+    with torch.no_grad():
+        context, empty = encoder(tokenizer(prompts)), encoder(tokenizer([""]))
+    eps_fn = guided(unet, context, empty, 3.0)  # the recipe's guidance scale
+    noise = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    pixels = sample(eps_fn, noise, "ddim", steps=20).flatten(2)  # (6, 3, 1024)
+    saturation = pixels.amax(dim=1) - pixels.amin(dim=1)  # the grey background: ~0
+    drawn = torch.stack(
+        [pixels[i][:, saturation[i].topk(128).indices].mean(dim=1) for i in range(6)]
+    )  # (6, 3) mean colour of each image's most saturated eighth
+    palette = torch.tensor(list(COLOURS.values())) / 127.5 - 1  # (6, 3) in [-1, 1]
+    nearest = torch.cdist(drawn, palette).argmin(dim=1)
+    assert (nearest == torch.arange(6)).sum() >= 5, nearest.tolist()
