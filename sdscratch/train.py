@@ -111,7 +111,7 @@ def _lr_factor(step, steps, warmup):
     return 0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item())
 
 
-def diffusion_loss(unet, x0, schedule, generator=None, context=None):
+def diffusion_loss(unet, x0, schedule, generator=None, context=None, snr_gamma=None):
     """The simple DDPM objective: predict the noise that was added.
 
     Ho et al. 2020, eq. 14: E_{t, x_0, ε} ‖ε − ε_θ(√ᾱ_t x_0 + √(1-ᾱ_t) ε, t)‖².
@@ -122,9 +122,17 @@ def diffusion_loss(unet, x0, schedule, generator=None, context=None):
         schedule: a `NoiseSchedule`.
         generator: draws t and ε.
         context: (B, L, D) text hidden states, or None.
+        snr_gamma: None for the plain objective; a number γ weights each sample's
+            error by min(SNR_t, γ) / SNR_t (Min-SNR, Hang et al. 2023): the nearly
+            clean timesteps, which are easy, count less, so that training spends
+            more of its effort on the noisy ones, where the layout is decided.
     """
     t = torch.randint(0, schedule.num_train_timesteps, (len(x0),), generator=generator)
     t = t.to(x0.device)
     noise = torch.randn(x0.shape, generator=generator).to(x0.device)
     x_t = schedule.add_noise(x0, noise, t)
-    return F.mse_loss(unet(x_t, t, context), noise)
+    if snr_gamma is None:
+        return F.mse_loss(unet(x_t, t, context), noise)
+    errors = (unet(x_t, t, context) - noise).pow(2).mean(dim=(1, 2, 3))  # (B,)
+    snr = schedule.snr(t).to(errors)
+    return (errors * snr.clamp(max=snr_gamma) / snr).mean()
