@@ -2,6 +2,7 @@
 
     python benchmarks/recipe_times.py             # the times in the bundled manifests
     python benchmarks/recipe_times.py --rerun DIR # run every recipe again, into DIR
+    python benchmarks/recipe_times.py --rerun DIR --steps 2  # quick: do they all run?
 
 Without --rerun, reads each `assets/models/*/MANIFEST.json`: the wall-clock time the
 recipe took when it made the bundled checkpoint, its CPU seconds and the load
@@ -49,13 +50,14 @@ def bundled_times() -> list[dict]:
     return rows
 
 
-def rerun_times(folder: Path) -> list[dict]:
-    """Run every recipe into folder/<its folder name>; one timed row each."""
+def rerun_times(folder: Path, steps=None) -> list[dict]:
+    """Run every recipe into folder/<its folder name>; one timed row each.
+    steps: None for the recipes as they are, or a few for a quick check."""
     rows = []
     for name in ORDER:
         out = folder / RECIPES[name][1]
         load, cpu, start = os.getloadavg()[0], time.process_time(), time.perf_counter()
-        made = run_recipe(name, out=out)
+        made = run_recipe(name, out=out, steps=steps)
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu
         rows.append({
             "recipe": name,
@@ -107,9 +109,12 @@ def report(rows: list[dict]) -> None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rerun", type=Path, metavar="DIR", help="retrain into DIR")
+    parser.add_argument("--steps", type=int, help="with --rerun: steps per recipe")
     args = parser.parse_args()
+    if args.steps is not None and not args.rerun:
+        parser.error("--steps only goes with --rerun")
     print(f"machine: {machine()}")
-    rows = rerun_times(args.rerun) if args.rerun else bundled_times()
+    rows = rerun_times(args.rerun, args.steps) if args.rerun else bundled_times()
     report(rows)
 
 
