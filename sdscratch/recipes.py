@@ -67,8 +67,9 @@ JUDGE_HELDOUT = 10_000  # test scenes the accuracy is measured on
 
 @recipe("judge", default_out="shapes-judge")
 def train_judge(out, seed, steps):
-    """The attribute judge, on one thread like the other recipes: with two, the
-    sums come out in a different order from run to run, and so do the weights."""
+    """The attribute judge, on one thread like the other recipes: the bundled judge
+    was made on one thread, and a two-thread run gave different weights (threads
+    split the sums differently), so only one thread reproduces it bit for bit."""
     with _one_thread():
         return _train_judge(out, seed, steps)
 
