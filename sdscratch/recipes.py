@@ -215,7 +215,7 @@ def _train_vae(out, seed, steps, cpu_start, load_start):
 # encoder is the conditioning of every text-to-image model of the course, and the
 # whole CLIP is the CLIP-score judge.
 
-CLIP_STEPS = 600  # AdamW steps of CLIP_BATCH image-caption pairs (5 CPU minutes)
+CLIP_STEPS = 1200  # AdamW steps of CLIP_BATCH image-caption pairs (8 CPU minutes)
 CLIP_BATCH = 128
 CLIP_POOL = 20_000  # training scenes drawn once, then sampled from
 CLIP_CONTEXT = 32  # tokens per prompt; Shapes captions need at most 16
