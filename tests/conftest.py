@@ -1,6 +1,8 @@
-"""A tiny book for the website tests: two lessons with stored outputs, made by hand."""
+"""Shared test helpers: an in-process CLI runner, and a tiny book for the website
+tests (two lessons with stored outputs, made by hand)."""
 
 import base64
+import contextlib
 import io
 import json
 
@@ -10,6 +12,20 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_outp
 from PIL import Image
 
 from sdscratch.book import header_markdown, load_book, setup_code
+
+
+def run_cli(*args) -> tuple[int, str, str]:
+    """Run `python -m sdscratch ARGS` in this process: (exit code, stdout, stderr)."""
+    from sdscratch.__main__ import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(arg) for arg in args])
+        except SystemExit as exit:  # argparse's usage errors
+            code = exit.code
+    return code, out.getvalue(), err.getvalue()
+
 
 MATH = (
     "The forward process adds noise: $x_t = \\sqrt{\\bar\\alpha_t}\\, x_0 + "

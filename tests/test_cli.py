@@ -5,6 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import run_cli
+
 
 def run(*args):
     return subprocess.run(
@@ -71,18 +73,7 @@ def checkpoint(tmp_path_factory):
 
 def generate(*args):
     """Run `sdscratch generate ARGS` in this process: (exit code, stdout, stderr)."""
-    import contextlib
-    import io
-
-    from sdscratch.__main__ import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(["generate", *map(str, args)])
-        except SystemExit as exit:  # argparse's usage errors
-            code = exit.code
-    return code, out.getvalue(), err.getvalue()
+    return run_cli("generate", *args)
 
 
 def failure(*args) -> str:

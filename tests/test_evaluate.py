@@ -1,13 +1,12 @@
 """`evaluate_model` and `python -m sdscratch evaluate`, on a tiny random checkpoint."""
 
-import contextlib
-import io
 import json
 import math
 
 import pytest
 import torch
 
+from conftest import run_cli
 from sdscratch.metrics import (
     Judge,
     JudgeConfig,
@@ -117,15 +116,7 @@ def test_a_perfect_model_is_always_right_and_scores_the_floor():
 
 def evaluate(*args):
     """Run `sdscratch evaluate ARGS` in this process: (exit code, stdout, stderr)."""
-    from sdscratch.__main__ import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(["evaluate", *map(str, args)])
-        except SystemExit as exit:  # argparse's usage errors
-            code = exit.code
-    return code, out.getvalue(), err.getvalue()
+    return run_cli("evaluate", *args)
 
 
 @pytest.mark.parametrize(
