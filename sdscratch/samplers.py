@@ -2,7 +2,8 @@
 
 Five samplers, each one function that takes one step, and one loop, `sample()`, that
 drives them. The loop is the loop of a diffusers pipeline with the matching scheduler
-(DESIGN.md): scale the initial noise, scale the model input, take a step. So the two
+(what `XScheduler.from_config(pipe.scheduler.config)` gives on an SD v1.5 pipeline):
+scale the initial noise, scale the model input, take a step. So the two
 agree number for number (tests/test_samplers.py).
 
 A noisy sample has two common forms (Karras et al. 2022, §2 and Appendix C.2):

@@ -1,7 +1,7 @@
 """The samplers against diffusers' schedulers, driven by the diffusers pipeline loop.
 
 The reference is the scheduler a diffusers user gets by swapping samplers on an SD
-v1.5 pipeline, `XScheduler.from_config(pipe.scheduler.config)` (DESIGN.md), built
+v1.5 pipeline, `XScheduler.from_config(pipe.scheduler.config)`, built
 offline from that config; the loop is the pipeline's: `init_noise_sigma`,
 `scale_model_input`, `step` with the same generator.
 """
