@@ -34,6 +34,10 @@ MATH = (
 )
 
 
+# An exercise's solution, as lessons mark it: the website folds the cell.
+SOLUTION = "# BEGIN SOLUTION\nanswer = 6 * 7\n# END SOLUTION\nprint(answer)"
+
+
 def png(colour) -> str:
     buffer = io.BytesIO()
     Image.new("RGB", (24, 16), colour).save(buffer, format="PNG")
@@ -70,12 +74,16 @@ def lesson_notebook(book: dict, file: str, title: str, colour) -> dict:
                                          "text/plain": "<Figure>"})])
     loop = new_code_cell("for step in tqdm(range(5)): pass", execution_count=3,
                          outputs=[progress])
+    solution = new_code_cell(SOLUTION, execution_count=4, outputs=[
+        new_output("stream", name="stdout", text="42\n")])
     nb = new_notebook(cells=[
         new_markdown_cell(header_markdown(book, file, title)),
         new_code_cell(setup_code(book), execution_count=1),
         new_markdown_cell(MATH),
         code,
         loop,
+        new_markdown_cell("**Exercise.** Find the answer."),
+        solution,
     ])
     nb.metadata["widgets"] = widgets
     return nb
@@ -103,10 +111,12 @@ def make_book(root, titles=("Adding noise", "Removing noise"), unlisted=()):
     (root / "assets").mkdir()
     Image.new("RGB", (4, 4), (0, 90, 200)).save(root / "assets" / "dot.png")
     (root / "book.toml").write_text("\n\n".join(toml) + "\n")
+    rows = "".join(f"| [{entry['title']}](lessons/{entry['file']}) |\n"
+                   for entry in book["lesson"])
     (root / "README.md").write_text(
         "# A tiny course\n\nAn introduction with a [link](#lessons), a [file]"
-        "(lessons/01_lesson_1.ipynb) and a picture: ![a dot](assets/dot.png)\n\n"
-        "## Lessons\n\n| lesson |\n|---|\n"
+        "(LICENSE) and a picture: ![a dot](assets/dot.png)\n\n"
+        f"## Lessons\n\n| lesson |\n|---|\n{rows}\n## Numbers\n\nNot on the site.\n"
     )
     return root
 
