@@ -20,7 +20,8 @@ KAGGLE_BADGE = "https://kaggle.com/static/images/open-in-kaggle.svg"
 WIDGET_NOTE = ("(interactive in the notebook, on Jupyter, Colab or Kaggle; "
                "here, what it showed when the lesson ran)")
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
-SOLUTION = re.compile(r"^[ \t]*# (BEGIN|END) SOLUTION[ \t]*\n?", re.MULTILINE)
+# `# BEGIN SOLUTION` ... `# END SOLUTION` (nbgrader writes `### BEGIN SOLUTION`)
+SOLUTION = re.compile(r"^[ \t]*#+ ?(BEGIN|END) SOLUTION[ \t]*\n?", re.MULTILINE)
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 IMAGES = {"image/png": "png", "image/jpeg": "jpg", "image/gif": "gif",
           "image/svg+xml": "svg"}
