@@ -130,8 +130,9 @@ HTML_SETTINGS = {
     "print": {"enable": True},
     "playground": {"runnable": False},  # Rust's playground: a remote service
 }
-THEME = ("head.hbs", "sdscratch.css")  # SITE_ASSETS files for mdBook's theme/
-STATIC = ("colab-badge.svg", "kaggle-badge.svg", "download-badge.svg", "favicon.svg")
+# SITE_ASSETS files for mdBook's theme/ folder, and for the site itself
+THEME = ("head.hbs", "sdscratch.css", "favicon.svg")
+STATIC = ("colab-badge.svg", "kaggle-badge.svg", "download-badge.svg")
 
 
 def mdbook_toml(book: dict) -> str:

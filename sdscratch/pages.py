@@ -236,9 +236,11 @@ def html_markdown(text: str, figures: Figures, name: str) -> str:
 
 
 def text_block(text: str, kind: str = "") -> str:
-    """Text a cell printed, as a text block in an output box."""
-    return (f'<div class="sd-output {kind}">\n\n'
-            f"{fenced(ANSI.sub('', text), 'text')}\n\n</div>")
+    """Text a cell printed, as a text block in an output box: colour codes dropped,
+    and a line rewritten with carriage returns (a text progress bar) as it ended."""
+    text = re.sub(r"[^\n]*\r(?!\n)", "", ANSI.sub("", text))
+    return f'<div class="sd-output {kind}">\n\n{fenced(text, "text")}\n\n</div>'
+
 
 
 def output_markdown(output: dict, figures: Figures, name: str, alt: str) -> str:
@@ -285,9 +287,9 @@ def code_cell_markdown(cell, number: int, figures: Figures, prose: str) -> str:
     parts = [fenced(SOLUTION.sub("", source), "python")] if source.strip() else []
     outputs = merged_streams(cell.get("outputs", []))
     images = sum(any(kind in o.get("data", {}) for kind in IMAGES) for o in outputs)
-    shown = 0
+    shown, described = 0, caption(prose)
     for output in outputs:
-        alt = caption(prose)
+        alt = described
         if any(kind in output.get("data", {}) for kind in IMAGES):
             shown += 1
             alt += f" (figure {shown} of {images})" if images > 1 else ""

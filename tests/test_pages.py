@@ -16,6 +16,7 @@ from sdscratch.pages import (
     lesson_page,
     protect_math,
     static_outputs,
+    text_block,
     widget_text,
 )
 
@@ -54,6 +55,13 @@ def test_a_widget_that_is_not_a_progress_bar_is_not_text():
     state = {"slider": {"model_name": "IntSliderModel", "state": {"value": 3}}}
     assert widget_text("slider", state) is None
     assert widget_text("gone", state) is None
+
+
+def test_a_text_progress_bar_shows_its_last_state_without_colour_codes():
+    printed = "\x1b[31mwarning\x1b[0m\n 10%|#  | 1/10\r100%|###| 10/10\ndone\r\n"
+    block = text_block(printed, "sd-stderr")
+    assert "```text\nwarning\n100%|###| 10/10\ndone\n```" in block
+    assert block.startswith('<div class="sd-output sd-stderr">')
 
 
 def test_math_is_escaped_for_markdown_and_code_is_left_alone():

@@ -305,6 +305,7 @@ def test_the_dark_theme_switches(browser, site):
                            site.base + "06_cross_attention.html")
     background = "() => getComputedStyle(document.documentElement).backgroundColor"
     light = page.evaluate(background)
+    screenshot(page, "desktop.png")
     page.click("#mdbook-theme-toggle")
     page.click("#mdbook-theme-navy")
     dark = page.evaluate(background)
