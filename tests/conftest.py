@@ -1,5 +1,6 @@
 """Shared test helpers: an in-process CLI runner, and a tiny book for the website
-tests (two lessons with stored outputs, made by hand)."""
+tests (two lessons with stored outputs, made by hand: math, a figure, a progress bar
+and an exercise's solution)."""
 
 import base64
 import contextlib
@@ -123,5 +124,5 @@ def make_book(root, titles=("Adding noise", "Removing noise"), unlisted=()):
 
 @pytest.fixture
 def tiny_book(tmp_path):
-    """A book of two lessons with math, a figure and a progress bar, in tmp_path."""
+    """Two lessons (math, a figure, a progress bar, a solution) in tmp_path."""
     return make_book(tmp_path / "book")
