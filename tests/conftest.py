@@ -1,5 +1,6 @@
 """Shared test helpers: an in-process CLI runner, and a tiny book for the website
-tests (two lessons with stored outputs, made by hand)."""
+tests (two lessons with stored outputs, made by hand: math, a figure, a progress bar
+and an exercise's solution)."""
 
 import base64
 import contextlib
@@ -32,6 +33,10 @@ MATH = (
     "\\sqrt{1 - \\bar\\alpha_t}\\, \\epsilon$, and\n\n"
     "$$\\bar\\alpha_t = \\prod_{s=1}^{t} (1 - \\beta_s), \\quad \\mathcal N(0, I).$$"
 )
+
+
+# An exercise's solution, as lessons mark it: the website folds the cell.
+SOLUTION = "# BEGIN SOLUTION\nanswer = 6 * 7\n# END SOLUTION\nprint(answer)"
 
 
 def png(colour) -> str:
@@ -70,12 +75,16 @@ def lesson_notebook(book: dict, file: str, title: str, colour) -> dict:
                                          "text/plain": "<Figure>"})])
     loop = new_code_cell("for step in tqdm(range(5)): pass", execution_count=3,
                          outputs=[progress])
+    solution = new_code_cell(SOLUTION, execution_count=4, outputs=[
+        new_output("stream", name="stdout", text="42\n")])
     nb = new_notebook(cells=[
         new_markdown_cell(header_markdown(book, file, title)),
         new_code_cell(setup_code(book), execution_count=1),
         new_markdown_cell(MATH),
         code,
         loop,
+        new_markdown_cell("**Exercise.** Find the answer."),
+        solution,
     ])
     nb.metadata["widgets"] = widgets
     return nb
@@ -103,15 +112,17 @@ def make_book(root, titles=("Adding noise", "Removing noise"), unlisted=()):
     (root / "assets").mkdir()
     Image.new("RGB", (4, 4), (0, 90, 200)).save(root / "assets" / "dot.png")
     (root / "book.toml").write_text("\n\n".join(toml) + "\n")
+    rows = "".join(f"| [{entry['title']}](lessons/{entry['file']}) |\n"
+                   for entry in book["lesson"])
     (root / "README.md").write_text(
         "# A tiny course\n\nAn introduction with a [link](#lessons), a [file]"
-        "(lessons/01_lesson_1.ipynb) and a picture: ![a dot](assets/dot.png)\n\n"
-        "## Lessons\n\n| lesson |\n|---|\n"
+        "(LICENSE) and a picture: ![a dot](assets/dot.png)\n\n"
+        f"## Lessons\n\n| lesson |\n|---|\n{rows}\n## Numbers\n\nNot on the site.\n"
     )
     return root
 
 
 @pytest.fixture
 def tiny_book(tmp_path):
-    """A book of two lessons with math, a figure and a progress bar, in tmp_path."""
+    """Two lessons (math, a figure, a progress bar, a solution) in tmp_path."""
     return make_book(tmp_path / "book")

@@ -1,22 +1,23 @@
 """sdscratch.book: book.toml against the lessons, the site build, `make lessons`."""
 
+import html
 import re
 import subprocess
 import sys
 
 import nbformat
 import pytest
-from nbformat.v4 import new_code_cell, new_notebook
+import tomllib
+from nbformat.v4 import new_code_cell, new_notebook, new_output
 
+from conftest import MATH
 from sdscratch.book import (
-    WIDGET_NOTE,
     BookError,
     book_lessons,
     build,
     execute,
     load_book,
-    static_outputs,
-    widget_text,
+    mdbook_toml,
 )
 
 
@@ -43,20 +44,50 @@ def test_a_lesson_file_not_in_book_toml_is_one_clear_error(tiny_book):
 
 def test_the_site_has_a_page_per_lesson_and_loads_nothing_remote(tiny_book):
     out = build(tiny_book)
-    pages = sorted(path.name for path in out.glob("*.html"))
-    assert pages == ["01_lesson_1.html", "02_lesson_2.html", "index.html"]
+    lessons = ["01_lesson_1.html", "02_lesson_2.html"]
+    assert sorted(path.name for path in out.glob("0*.html")) == lessons
+    assert (out / "index.html").is_file() and (out / "print.html").is_file()
     assert (out / "01_lesson_1.ipynb").read_bytes() == (
         tiny_book / "lessons" / "01_lesson_1.ipynb").read_bytes()
     assert (out / "mathjax" / "MathJax.js").is_file()
     assert (out / "assets" / "dot.png").is_file()  # the README's picture
+    assert list((out / "01_lesson_1").glob("*.png"))  # figures are files
     index = (out / "index.html").read_text()
-    assert 'href="https://github.com/' in index and "lessons/01_lesson_1.ipynb" in index
-    for page in pages:
-        text = (out / page).read_text()
+    assert 'href="01_lesson_1.html"' in index and "Not on the site" not in index
+    assert 'href="https://github.com/sdscratch/sdscratch/blob/main/LICENSE"' in index
+    for page in out.glob("*.html"):
+        text = page.read_text()
         remote = re.findall(r"""<(?:script|img|link)[^>]*(?:src|href)=["']https?:""",
                             text)
-        assert remote == [], f"{page} loads {remote}"
-        assert "widget-view+json" not in text
+        assert remote == [], f"{page.name} loads {remote}"
+        assert "widget-view+json" not in text and "data:image" not in text
+
+
+def test_math_reaches_the_page_as_tex_for_mathjax(tiny_book):
+    text = html.unescape((build(tiny_book) / "01_lesson_1.html").read_text())
+    inline, display = re.findall(r"\$+([^$]+)\$+", MATH)
+    assert f"\\({inline}\\)" in text
+    assert f"\\[{display}\\]" in text
+
+
+def test_mdbook_reads_book_toml_without_the_lessons():
+    book = load_book()
+    config = tomllib.loads(mdbook_toml(book))
+    assert set(config) == {"book", "output"} and config["book"] == book["book"]
+    html_config = config["output"]["html"]
+    for key, value in book["output"]["html"].items():
+        assert html_config[key] == value
+    assert html_config["mathjax-support"] is False  # MathJax comes from the site
+
+
+def test_a_warning_from_mdbook_fails_the_build(tiny_book):
+    path = tiny_book / "lessons" / "01_lesson_1.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    nb.cells.append(new_code_cell("show()", outputs=[new_output(
+        "display_data", data={"text/html": '<i class="fa fa-no-such-icon"></i>'})]))
+    nbformat.write(nb, path)
+    with pytest.raises(BookError, match="mdBook failed to build the site: WARN"):
+        build(tiny_book)
 
 
 def test_a_folder_that_is_not_a_site_is_never_replaced(tmp_path, tiny_book):
@@ -64,42 +95,8 @@ def test_a_folder_that_is_not_a_site_is_never_replaced(tmp_path, tiny_book):
     with pytest.raises(BookError, match="not built by sdscratch"):
         build(tiny_book, out=tmp_path)
     assert (tmp_path / "notes.txt").read_text() == "keep me"
-
-
-def test_a_progress_bar_shows_where_it_ended_and_the_badges_are_local(tiny_book):
-    nb = nbformat.read(tiny_book / "lessons" / "01_lesson_1.ipynb", as_version=4)
-    page = {"notebook": "01_lesson_1.ipynb", "title": "Adding noise"}
-    static_outputs(nb, page)
-    bar = nb.cells[4].outputs[0].data
-    assert bar == {"text/plain": "100%|██████████| 5/5 [00:00<00:00, 9.90it/s]"}
-    assert "widgets" not in nb.metadata
-    assert "https://" not in re.sub(r"\]\(https://[^)]*\)", "", nb.cells[0].source)
-    assert "(download-badge.svg)](01_lesson_1.ipynb)" in nb.cells[0].source
-
-
-def test_a_closed_widget_is_left_out_and_a_live_one_shows_what_it_showed(tiny_book):
-    nb = nbformat.read(tiny_book / "lessons" / "01_lesson_1.ipynb", as_version=4)
-    closed = nbformat.from_dict(nb.cells[4].outputs[0])
-    closed.data["application/vnd.jupyter.widget-view+json"]["model_id"] = "gone"
-    live = nbformat.from_dict(nb.cells[4].outputs[0])
-    live.data["application/vnd.jupyter.widget-view+json"]["model_id"] = "interact"
-    picture = nb.cells[3].outputs[0]
-    state = nb.metadata.widgets["application/vnd.jupyter.widget-state+json"]["state"]
-    state["interact"] = {"model_name": "VBoxModel", "state": {"children": [
-        "IPY_MODEL_slider", "IPY_MODEL_plot"]}}
-    state["slider"] = {"model_name": "IntSliderModel", "state": {"value": 3}}
-    state["plot"] = {"model_name": "OutputModel", "state": {"outputs": [picture]}}
-    nb.cells[4].outputs = [closed, live]
-    static_outputs(nb, {"notebook": "01_lesson_1.ipynb", "title": "Adding noise"})
-    note, shown = nb.cells[4].outputs
-    assert note.data == {"text/plain": WIDGET_NOTE}
-    assert shown == picture
-
-
-def test_a_widget_that_is_not_a_progress_bar_is_not_text():
-    state = {"slider": {"model_name": "IntSliderModel", "state": {"value": 3}}}
-    assert widget_text("slider", state) is None
-    assert widget_text("gone", state) is None
+    out = build(tiny_book, out=tmp_path / "site")
+    assert build(tiny_book, out=out) == out  # an earlier build is replaced
 
 
 def write_notebook(path, *sources):

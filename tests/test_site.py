@@ -1,12 +1,17 @@
-"""The course website, built and opened in a real headless Chromium.
+"""The course website, built by mdBook and opened in a real headless Chromium.
 
-The site is served on 127.0.0.1 only, for the length of the test. Each page must load
-with no console error, show every image, typeset its math, and link its badges and
-its previous/next lessons where they belong. Screenshots go to _build/screenshots/.
+The site is served on 127.0.0.1 only, for the length of the tests, and every page is
+opened 1366 px wide (a laptop) and 390 px wide (a phone). Each page must load with
+no console error or failed request, ask nothing of another host, show every image,
+typeset its math, fit the phone's width, and link its badges and its neighbours
+where they belong. Screenshots go to _build/screenshots/.
 """
 
+import gzip
+import io
 import os
 import re
+import statistics
 import threading
 import urllib.error
 import urllib.request
@@ -19,7 +24,7 @@ import nbformat
 import pytest
 
 from conftest import make_book
-from sdscratch.book import ROOT, book_lessons, build, load_book, site_map
+from sdscratch.book import ROOT, book_lessons, build, links, load_book
 
 CHROMIUM = Path("/usr/bin/chromium")
 # As root, on a machine whose only network is loopback: no sandbox, no background
@@ -28,12 +33,31 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update",
          "--disable-sync"]
 TIMEOUT_MS = 60_000  # any one wait in the browser (the machine may be busy)
+WIDTHS = {"desktop": (1366, 860), "phone": (390, 844)}
 TEX_LEFT_AS_TEXT = re.compile(r"\$\$|\\\(|\\\[|\$[^$\n]*\\[A-Za-z]+[^$\n]*\$")
+PROSE = "#mdbook-content main :is(p, li, h1, h2, h3, h4, td)"
+SHOTS = ROOT / "_build" / "screenshots"
+COMPRESSED = {".html", ".css", ".js", ".svg", ".json", ".ipynb"}
 
 
 class QuietHandler(SimpleHTTPRequestHandler):
+    """Serves the site as GitHub Pages does: text files gzip-compressed if asked."""
+
     def log_message(self, format, *args):
         pass
+
+    def send_head(self):
+        path = Path(self.translate_path(self.path))
+        if (path.suffix not in COMPRESSED or not path.is_file()
+                or "gzip" not in self.headers.get("Accept-Encoding", "")):
+            return super().send_head()
+        body = gzip.compress(path.read_bytes())
+        self.send_response(200)
+        self.send_header("Content-Type", self.guess_type(str(path)))
+        self.send_header("Content-Encoding", "gzip")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        return io.BytesIO(body)
 
 
 class Server(ThreadingHTTPServer):
@@ -73,6 +97,138 @@ def browser():
         chromium.close()
 
 
+class Site:
+    """A built site being served: its lessons in order, as pages to open."""
+
+    def __init__(self, root: Path, out: Path, base: str):
+        self.root, self.out, self.base = root, out, base
+        self.book = load_book(root / "book.toml")
+        self.lessons = book_lessons(self.book, root)
+        self.pages = ["index.html"] + [
+            Path(lesson["file"]).with_suffix(".html").name for lesson in self.lessons]
+
+    def lesson(self, page: str) -> dict | None:
+        index = self.pages.index(page)
+        return self.lessons[index - 1] if index > 0 else None
+
+
+@pytest.fixture(scope="module")
+def site():
+    """The real course website, built once for these tests."""
+    out = build(ROOT, ROOT / "_build" / "site")
+    with serve(out) as base:
+        yield Site(ROOT, out, base)
+
+
+@pytest.fixture(scope="module")
+def tiny_site(tmp_path_factory):
+    """A tiny book (math, a figure, a progress bar, a solution), built and served."""
+    root = make_book(tmp_path_factory.mktemp("tiny") / "book")
+    out = build(root)
+    with serve(out) as base:
+        yield Site(root, out, base)
+
+
+def open_page(context, url: str):
+    """Load `url` until its math is typeset and the network is quiet.
+
+    Returns the page and what happened: `errors` (console errors, failed
+    requests), `requests` (every address asked for).
+    """
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    seen = {"errors": [], "requests": []}
+    base = url.rsplit("/", 1)[0] + "/"
+    page.on("console", lambda m: m.type == "error" and seen["errors"].append(m.text))
+    page.on("pageerror", lambda e: seen["errors"].append(str(e)))
+    page.on("request", lambda r: seen["requests"].append(r.url))
+    page.on("requestfailed", lambda r: seen["errors"].append(
+        f"request failed: {r.url.removeprefix(base)}"))
+    page.on("response", lambda r: r.status >= 400 and seen["errors"].append(
+        f"HTTP {r.status} for {r.url.removeprefix(base)}"))
+    page.goto(url, wait_until="load")
+    page.evaluate("""() => window.MathJax === undefined || new Promise(done =>
+        MathJax.Hub.Register.StartupHook("End", done))""")
+    page.wait_for_load_state("networkidle")  # fonts and images asked for late
+    return page, seen
+
+
+MEASURE = """() => {
+    const images = [...document.images]
+        .filter(image => !(image.complete && image.naturalWidth > 0))
+        .map(image => image.getAttribute('src').slice(0, 60));
+    const entries = [...performance.getEntriesByType('navigation'),
+                     ...performance.getEntriesByType('resource')];
+    // mdBook's content box scrolls on its own: it must not need to sideways either
+    const boxes = [document.documentElement, document.getElementById('mdbook-content')];
+    return {broken: images,
+            overflow: Math.max(...boxes.map(box => box.scrollWidth - box.clientWidth)),
+            bytes: entries.reduce((sum, entry) => sum + entry.encodedBodySize, 0),
+            unpacked: entries.reduce((sum, entry) => sum + entry.decodedBodySize, 0)};
+}"""
+
+
+def hrefs(page, selector: str) -> list[str]:
+    return page.eval_on_selector_all(selector, "all => all.map(a => a.href)")
+
+
+def lesson_problems(page, site: Site, name: str) -> list[str]:
+    """What is wrong with one lesson page: math, badges, previous/next, sidebar."""
+    lesson, base = site.lesson(name), site.base
+    notebook = nbformat.read(site.root / "lessons" / lesson["file"], as_version=4)
+    problems = []
+    if any(c.cell_type == "markdown" and "$" in c.source for c in notebook.cells):
+        if page.locator(".MathJax, .MathJax_Display").count() == 0:
+            problems.append("its math was not typeset")
+    if page.locator(".MathJax_Error, merror").count():
+        problems.append("MathJax reported an error")
+    text = " ".join(page.locator(PROSE).all_inner_texts())
+    if TEX_LEFT_AS_TEXT.search(text):
+        problems.append(f"TeX shows as text: {TEX_LEFT_AS_TEXT.search(text)[0]!r}")
+    badges = page.eval_on_selector_all(
+        "main a:has(img)", "all => all.map(a => [a.querySelector('img')"
+        ".getAttribute('src'), a.href])")[:3]
+    link = links(site.book, lesson["file"])
+    expected = [["colab-badge.svg", link["colab"]],
+                ["kaggle-badge.svg", link["kaggle"]],
+                ["download-badge.svg", base + lesson["file"]]]
+    if badges != expected:
+        problems.append(f"its badges are {badges}, not {expected}")
+    index = site.pages.index(name)
+    for rel, other in (("prev", index - 1), ("next", index + 1)):
+        want = {base + site.pages[other]} if other < len(site.pages) else set()
+        if set(hrefs(page, f"a[rel~={rel}]")) != want:
+            problems.append(f"its {rel} links are not {want}")
+    return problems
+
+
+def page_problems(context, site: Site, name: str, phone: bool):
+    """Everything wrong with one page, its weight in bytes, and the links it holds."""
+    page, seen = open_page(context, site.base + name)
+    measured = page.evaluate(MEASURE)
+    problems = [f"console error {error}" for error in seen["errors"]]
+    problems += [f"asked another host for {url}" for url in seen["requests"]
+                 if not url.startswith(("data:", "blob:", site.base))]
+    problems += [f"image {src} did not load" for src in measured["broken"]]
+    if phone and measured["overflow"] > 0:
+        problems.append(f"overflows the phone's width by {measured['overflow']} px")
+    chapters = [a for a in hrefs(page, "#mdbook-sidebar a[href]") if "#" not in a]
+    if chapters != [site.base + other for other in site.pages]:
+        problems.append(f"its sidebar lists {chapters}, not every page in order")
+    if name == "index.html":
+        listed = [a for a in hrefs(page, "main a") if a in chapters[1:]]
+        if list(dict.fromkeys(listed)) != chapters[1:]:
+            problems.append(f"it lists the lessons {listed}, not all in order")
+    elif phone is False:
+        problems += lesson_problems(page, site, name)
+    report = {"bytes": measured["bytes"], "unpacked": measured["unpacked"],
+              "requests": len(seen["requests"]),
+              "links": set(hrefs(page, "a[href]"))}
+    page.close()
+    where = f"{name} ({'phone' if phone else 'desktop'})"
+    return [f"{where}: {problem}" for problem in problems], report
+
+
 def local_ok(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=10) as response:
@@ -81,137 +237,155 @@ def local_ok(url: str) -> bool:
         return False
 
 
-def open_page(browser, url: str, screenshot: Path | None = None):
-    """Load `url`; return the page, what it logged as errors, and its broken images."""
-    page = browser.new_page(viewport={"width": 1280, "height": 860})
-    page.set_default_timeout(TIMEOUT_MS)
-    errors = []
-    page.on("console", lambda m: m.type == "error" and errors.append(m.text))
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.on("response", lambda r: r.status >= 400 and errors.append(
-        f"HTTP {r.status} for {r.url.removeprefix(url.rsplit('/', 1)[0] + '/')}"))
-    response = page.goto(url, wait_until="load")
-    if response is None or response.status != 200:
-        errors.append(f"HTTP {response and response.status}")
-    if page.evaluate("() => window.MathJax !== undefined"):
-        page.evaluate("() => new Promise(done => MathJax.Hub.Queue(done))")
-    page.wait_for_load_state("networkidle")  # fonts and images asked for late
-    broken = page.evaluate("""() => [...document.images]
-        .filter(image => !(image.complete && image.naturalWidth > 0))
-        .map(image => image.getAttribute('src').slice(0, 60))""")
-    if screenshot:
-        screenshot.parent.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=screenshot)
-    return page, errors, broken
+def site_problems(browser, site: Site, pages=None, widths=("desktop", "phone")):
+    """Everything wrong with the site's pages (default: all) on a laptop and a phone.
 
-
-def links_of(page, selector: str) -> list[str]:
-    return page.eval_on_selector_all(selector, "all => all.map(a => a.href)")
-
-
-def page_problems(page, base: str, entry: dict, notebook) -> list[str]:
-    """What is wrong with one lesson page: math, badges, previous/next, sidebar."""
-    problems = []
-    has_math = any(cell.cell_type == "markdown" and "$" in cell.source
-                   for cell in notebook.cells)
-    typeset = page.locator(".MathJax, .MathJax_Display").count()
-    if has_math and typeset == 0:
-        problems.append("its math was not typeset")
-    if page.locator(".MathJax_Error, merror").count():
-        problems.append("MathJax reported an error")
-    text = " ".join(page.locator(".jp-RenderedMarkdown").all_inner_texts())
-    if TEX_LEFT_AS_TEXT.search(text):
-        problems.append(f"TeX shows as text: {TEX_LEFT_AS_TEXT.search(text)[0]!r}")
-    badges = page.eval_on_selector_all(
-        ".jp-RenderedMarkdown a:has(img)",
-        "all => all.map(a => [a.querySelector('img').getAttribute('src'), a.href])")
-    expected = [["colab-badge.svg", entry["links"]["colab"]],
-                ["kaggle-badge.svg", entry["links"]["kaggle"]],
-                ["download-badge.svg", base + entry["notebook"]]]
-    if badges[:3] != expected:
-        problems.append(f"its badges are {badges[:3]}, not {expected}")
-    for rel, neighbour in (("prev", entry["prev"]), ("next", entry["next"])):
-        want = [base + neighbour["href"]] * 2 if neighbour else []
-        if links_of(page, f".sd-pager a[rel={rel}]") != want:
-            problems.append(f"its {rel} links are not {want}")
-    return problems
-
-
-def index_problems(browser, base: str, site: dict, screenshot=None):
-    """What is wrong with index.html, and the links it holds."""
-    page, errors, broken = open_page(browser, base + "index.html", screenshot)
-    problems = [f"console error {e}" for e in errors]
-    problems += [f"image {src} did not load" for src in broken]
-    listed = links_of(page, "a.sd-lesson-link")
-    if listed != [base + entry["href"] for entry in site["pages"]]:
-        problems.append(f"it lists {listed}, not every lesson in order")
-    links = links_of(page, "a[href]")
-    page.close()
-    return problems, links
-
-
-def lesson_problems(browser, base: str, site: dict, entry: dict, root: Path,
-                    screenshot=None):
-    """What is wrong with one lesson's page, and the links it holds."""
-    page, errors, broken = open_page(browser, base + entry["href"], screenshot)
-    notebook = nbformat.read(root / "lessons" / entry["notebook"], as_version=4)
-    problems = [f"console error {e}" for e in errors]
-    problems += [f"image {src} did not load" for src in broken]
-    problems += page_problems(page, base, entry, notebook)
-    if links_of(page, ".sd-toc a") != [base + other["href"] for other in site["pages"]]:
-        problems.append("its sidebar does not list every lesson in order")
-    links = links_of(page, "a[href]")
-    page.close()
-    return problems, links
-
-
-def site_problems(browser, root: Path, out: Path, screenshots=None, only=None):
-    """Everything wrong with the site built from `root` into `out`, as sentences.
-
-    `only` names the pages to open (default: the index and every lesson).
+    Returns the problems as sentences, and each page's report (on the first width).
     """
-    book = load_book(root / "book.toml")
-    site = site_map(book, book_lessons(book, root))
-    problems, links = [], set()
-    with serve(out) as base:
-        if only is None or "index.html" in only:
-            shot = screenshots / "index.png" if screenshots else None
-            found, on_page = index_problems(browser, base, site, shot)
-            problems += [f"index.html: {problem}" for problem in found]
-            links.update(on_page)
-        for number, entry in enumerate(site["pages"]):
-            if only is not None and entry["href"] not in only:
-                continue
-            shot = screenshots / "lesson.png" if screenshots and number == 0 else None
-            found, on_page = lesson_problems(browser, base, site, entry, root, shot)
-            problems += [f"{entry['href']}: {problem}" for problem in found]
-            links.update(on_page)
-        for link in sorted(links):
-            if link.startswith(base) and not local_ok(link.split("#")[0]):
-                problems.append(f"the link {link.removeprefix(base)} is broken")
-    return problems
-
-
-def test_the_course_website_works_in_a_browser(browser):
-    out = build(ROOT, ROOT / "_build" / "site")
-    shots = ROOT / "_build" / "screenshots"
-    for old in shots.glob("*.png"):
-        old.unlink()
-    assert site_problems(browser, ROOT, out, shots) == []
-    assert (shots / "index.png").is_file()
-    assert (shots / "lesson.png").is_file() or not load_book().get("lesson")
+    problems, reports = [], {}
+    for width in widths:
+        phone = width == "phone"
+        size = dict(zip(("width", "height"), WIDTHS[width]))
+        context = browser.new_context(viewport=size)
+        for name in pages or site.pages:
+            found, report = page_problems(context, site, name, phone)
+            problems += found
+            reports.setdefault(name, report)
+        context.close()
+    links = set().union(*(report["links"] for report in reports.values()))
+    for link in sorted({link.split("#")[0] for link in links}):
+        if link.startswith(site.base) and not local_ok(link):
+            problems.append(f"the link {link.removeprefix(site.base)} is broken")
+    return problems, reports
 
 
 @pytest.fixture(scope="module")
-def tiny_site(tmp_path_factory):
-    """A tiny book (math, a figure, a progress bar) and its built site."""
-    root = make_book(tmp_path_factory.mktemp("tiny") / "book")
-    return root, build(root)
+def checked(browser, site):
+    """The real site's problems and page reports, found once for the tests below."""
+    return site_problems(browser, site)
 
 
-def test_a_tiny_book_with_math_figures_and_progress_bars_passes(browser, tiny_site):
-    root, out = tiny_site
-    assert site_problems(browser, root, out) == []
+def test_every_page_of_the_course_website_works_on_a_laptop_and_a_phone(checked):
+    problems, reports = checked
+    assert problems == []
+
+
+def test_the_median_lesson_page_weighs_at_most_a_megabyte(checked, site):
+    _, reports = checked
+    weights = [reports[page]["bytes"] for page in site.pages[1:]]
+    for page in site.pages:
+        print(page, reports[page]["bytes"], reports[page]["unpacked"],
+              reports[page]["requests"])
+    assert weights and statistics.median(weights) <= 1_000_000, weights
+
+
+def test_the_tiny_book_with_math_figures_and_progress_bars_passes(browser, tiny_site):
+    problems, _ = site_problems(browser, tiny_site)
+    assert problems == []
+
+
+def screenshot(page, name: str) -> Path:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=SHOTS / name)
+    return SHOTS / name
+
+
+def test_searching_cross_attention_lists_lesson_06(browser, site):
+    page, _ = open_page(browser.new_context(), site.base + "index.html")
+    page.click("#mdbook-search-toggle")
+    page.fill("#mdbook-searchbar", "cross-attention")
+    page.wait_for_selector("#mdbook-searchresults a")
+    found = hrefs(page, "#mdbook-searchresults a")
+    assert any("06_cross_attention.html" in href for href in found), found
+    page.context.close()
+
+
+def test_the_dark_theme_switches(browser, site):
+    page, seen = open_page(browser.new_context(viewport={"width": 1366, "height": 860}),
+                           site.base + "06_cross_attention.html")
+    background = "() => getComputedStyle(document.documentElement).backgroundColor"
+    light = page.evaluate(background)
+    screenshot(page, "desktop.png")
+    page.click("#mdbook-theme-toggle")
+    page.click("#mdbook-theme-navy")
+    dark = page.evaluate(background)
+    red, green, blue = map(int, re.findall(r"\d+", dark)[:3])
+    assert "navy" in page.evaluate("() => document.documentElement.className")
+    assert dark != light and red + green + blue < 3 * 80, (light, dark)
+    screenshot(page, "dark.png")
+    assert seen["errors"] == []
+    page.context.close()
+
+
+def test_the_phone_menu_opens_the_list_of_lessons(browser, site):
+    context = browser.new_context(viewport=dict(zip(("width", "height"),
+                                                    WIDTHS["phone"])))
+    page, _ = open_page(context, site.base + "03_unet.html")
+    box = "document.getElementById('mdbook-sidebar').getBoundingClientRect()"
+    title = page.locator("main h1").bounding_box()
+    # the menu is closed and the lesson comes first
+    assert page.evaluate(f"() => {box}.right") <= 0 and title["y"] < 200
+    screenshot(page, "phone.png")
+    page.click("#mdbook-sidebar-toggle")
+    page.wait_for_function(f"() => {box}.left >= 0")  # slid in
+    lesson = page.locator("#mdbook-sidebar a[href='06_cross_attention.html']")
+    assert lesson.is_visible()
+    screenshot(page, "phone-menu.png")
+    context.close()
+
+
+def test_lesson_pages_have_copy_buttons_heading_anchors_and_a_print_page(browser, site):
+    page, _ = open_page(browser.new_context(), site.base + "06_cross_attention.html")
+    blocks = page.locator("main pre > code").count()
+    assert blocks > 5 and page.locator("main pre button.clip-button").count() == blocks
+    headings = page.locator("main h2").count()
+    assert headings > 3 and page.locator("main h2 > a.header[href^='#']").count() == (
+        headings)
+    assert hrefs(page, "a[href$='print.html']") == [site.base + "print.html"]
+    page.context.close()
+    printed, seen = open_page(browser.new_context(), site.base + "print.html")
+    badges = printed.locator("main img[src='colab-badge.svg']").count()
+    assert badges == len(site.lessons)  # every lesson, one after the other
+    assert seen["errors"] == [] and printed.evaluate(MEASURE)["broken"] == []
+    printed.context.close()
+
+
+def test_the_animation_of_lesson_09_plays_with_its_buttons(browser, site):
+    page, _ = open_page(browser.new_context(), site.base + "09_latent_diffusion.html")
+    frame = "() => document.querySelector('.sd-html img').getAttribute('src')"
+    icons = page.locator(".sd-html .anim-buttons button svg")
+    assert icons.count() == 9 and icons.first.bounding_box()["width"] > 5
+    first = page.evaluate(frame)
+    page.click(".sd-html button[title=Play]")
+    page.wait_for_function(f"() => ({frame[6:]}) !== {first!r}")
+    page.click(".sd-html button[title=Pause]")
+    page.click(".sd-html button[title='First frame']")
+    assert page.evaluate(frame) == first
+    page.context.close()
+
+
+def test_lesson_06_shows_its_math(browser, site):
+    context = browser.new_context(viewport=dict(zip(("width", "height"),
+                                                    WIDTHS["phone"])))
+    page, _ = open_page(context, site.base + "06_cross_attention.html")
+    display = page.locator(".MathJax_Display").first
+    display.scroll_into_view_if_needed()
+    box = display.bounding_box()
+    assert 0 <= box["x"] and box["x"] + box["width"] <= WIDTHS["phone"][0]
+    screenshot(page, "math-phone.png")
+    context.close()
+
+
+def test_a_solution_is_folded_until_opened(browser, tiny_site):
+    page, _ = open_page(browser.new_context(), tiny_site.base + "01_lesson_1.html")
+    solution = page.locator("details.sd-solution")
+    assert solution.locator("summary").inner_text() == "Solution"
+    code = solution.locator("pre code").first
+    assert not code.is_visible()
+    solution.locator("summary").click()
+    assert code.is_visible() and code.inner_text().strip().startswith("answer = 6 * 7")
+    assert "SOLUTION" not in page.locator("main").inner_text()
+    page.context.close()
 
 
 @contextmanager
@@ -227,17 +401,18 @@ def broken(page: Path, old: str, new: str):
 
 
 @pytest.mark.parametrize("old, new, problem", [
-    ('src="data:image/png', 'src="missing.png" data-was="', "did not load"),
-    ('<main class="sd-main">', '<main class="sd-main"><script>oops()</script>',
-     "console error"),
+    ('src="02_lesson_2/cell003-1.png"', 'src="missing.png"', "did not load"),
+    ("<main>", "<main><script>oops()</script>", "console error"),
     ("mathjax/MathJax.js", "mathjax/NoMathJax.js", "not typeset"),
-    ('class="sd-prev" href="01_lesson_1.html"', 'class="sd-prev" href="index.html"',
-     "prev links"),
     ('href="02_lesson_2.ipynb"', 'href="01_lesson_1.ipynb"', "badges"),
+    ('rel="prev" href="01_lesson_1.html"', 'rel="prev" href="index.html"',
+     "prev links"),
+    ("<main>", '<main><img src="http://127.0.0.2:9/x.png" alt="">', "another host"),
+    ("<main>", '<main><div style="width: 1200px">wide</div>', "phone's width"),
 ])
 def test_a_broken_page_fails(browser, tiny_site, old, new, problem):
-    root, out = tiny_site
-    with broken(out / "02_lesson_2.html", old, new):
-        problems = site_problems(browser, root, out, only=["02_lesson_2.html"])
+    width = "phone" if problem == "phone's width" else "desktop"
+    with broken(tiny_site.out / "02_lesson_2.html", old, new):
+        problems, _ = site_problems(browser, tiny_site, ["02_lesson_2.html"], [width])
     assert problems and all(p.startswith("02_lesson_2.html") for p in problems)
     assert any(problem in p for p in problems), problems
