@@ -184,15 +184,15 @@ def test_every_check_has_a_right_answer_here():
 
 @pytest.mark.parametrize("name", sorted(RIGHT))
 def test_a_right_answer_passes(name, capsys):
-    assert check(name)(RIGHT[name]) is True
-    assert "right on all" in capsys.readouterr().out
+    check(name)(RIGHT[name])
+    assert capsys.readouterr().out.startswith(f"{name}: right on all")
 
 
 @pytest.mark.parametrize(
     "name, wrong, hint", WRONG, ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(WRONG)]
 )
 def test_a_plausible_mistake_fails_with_its_hint(name, wrong, hint, capsys):
-    assert check(name)(wrong) is False
+    check(name)(wrong)
     out = capsys.readouterr().out
     assert out.count("\n") == 1 and out.startswith(f"{name}: Not yet:")
     assert hint in out
@@ -203,7 +203,7 @@ def test_an_unfinished_exercise_says_so(name, capsys):
     def unfinished(*args):
         raise NotImplementedError
 
-    assert check(name)(unfinished) is False
+    check(name)(unfinished)
     assert capsys.readouterr().out == f"{name}: {exercises.NOT_DONE}\n"
 
 
@@ -211,7 +211,7 @@ def test_an_error_is_one_sentence_not_a_traceback(capsys):
     def broken(x0, noise, t, alphas_cumprod):
         return x0 + noise[:2]  # shapes that do not broadcast
 
-    assert exercises.check_add_noise(broken) is False
+    exercises.check_add_noise(broken)
     out = capsys.readouterr().out
     assert out.startswith("add_noise: Your function raised RuntimeError:")
     assert out.count("\n") == 1
@@ -221,10 +221,10 @@ def test_a_wrong_shape_is_named(capsys):
     def flat(x0, noise, t, alphas_cumprod):
         return add_noise(x0, noise, t, alphas_cumprod).flatten(1)
 
-    assert exercises.check_add_noise(flat) is False
+    exercises.check_add_noise(flat)
     assert "shape (4, 192), expected (4, 3, 8, 8)" in capsys.readouterr().out
 
 
 def test_an_unknown_mistake_says_how_far_off(capsys):
-    assert exercises.check_snr(lambda ac: snr(ac) * 1.01) is False
+    exercises.check_snr(lambda ac: snr(ac) * 1.01)
     assert "off by up to" in capsys.readouterr().out

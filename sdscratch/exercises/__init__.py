@@ -2,8 +2,13 @@
 
 Each `check_<name>(fn)` calls `fn` on a few seeded random inputs, compares what it
 returns with what the package computes, and prints one sentence: that it is right,
-or what looks wrong, with a hint. It never raises, and returns True when `fn` is
-right. The signature the learner writes is in each check's docstring.
+or what looks wrong, with a hint. It never raises. The signature the learner
+writes is in each check's docstring.
+
+In a lesson, an exercise is a cell holding only the learner's function (its
+solution between `# BEGIN SOLUTION` and `# END SOLUTION`; it takes what it needs
+as arguments and may use `math`, `torch` and `torch.nn.functional as F`), then a
+cell calling `exercises.check_<name>(function)`.
 """
 
 from sdscratch.exercises.compare import NOT_DONE

@@ -62,9 +62,10 @@ def diagnose(got, want, mistakes: dict, atol=1e-5) -> str | None:
     return f"Not yet: got {got!r}, expected {want!r}."
 
 
-def check(name: str, cases, atol=1e-5) -> bool:
+def check(name: str, cases, atol=1e-5) -> None:
     """Run `cases` (an iterable of (result, error sentence, want, mistakes)) and
-    print one sentence: the first failure, or that all passed.
+    print one sentence: the first failure, or that all passed. Nothing is returned,
+    so a notebook shows the sentence alone.
 
     Args:
         atol: the absolute tolerance (float32 rounding of the package's formula).
@@ -74,10 +75,9 @@ def check(name: str, cases, atol=1e-5) -> bool:
         sentence = error or diagnose(got, want, mistakes, atol)
         if sentence:
             print(f"{name}: {sentence}")
-            return False
+            return
         count += 1
     print(f"{name}: right on all {count} random tests.")
-    return True
 
 
 def generator(seed=0) -> torch.Generator:

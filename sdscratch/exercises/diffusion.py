@@ -13,7 +13,7 @@ def _pair(g, shape):
     return torch.randn(shape, generator=g), torch.randn(shape, generator=g)
 
 
-def check_add_noise(fn) -> bool:
+def check_add_noise(fn) -> None:
     """`fn(x0, noise, t, alphas_cumprod) -> x_t`: x_t = √ᾱ_t x0 + √(1-ᾱ_t) ε.
 
     x0 and noise (B, C, H, W), t (B,) integer timesteps, alphas_cumprod (T,).
@@ -41,7 +41,7 @@ def check_add_noise(fn) -> bool:
     return check("add_noise", (case() for _ in range(3)))
 
 
-def check_snr(fn) -> bool:
+def check_snr(fn) -> None:
     """`fn(alphas_cumprod) -> snr`: the signal-to-noise ratio ᾱ_t / (1-ᾱ_t), (T,)."""
     abars = sd_schedule().alphas_cumprod
     want = abars / (1 - abars)
@@ -64,7 +64,7 @@ def _toy_model(g):
     return eps
 
 
-def check_diffusion_loss(fn) -> bool:
+def check_diffusion_loss(fn) -> None:
     """`fn(eps_model, x0, t, noise, alphas_cumprod) -> loss`: DDPM's simple loss
     (Ho et al. 2020, eq. 14), the mean squared error between ε and
     eps_model(x_t, t) at x_t = √ᾱ_t x0 + √(1-ᾱ_t) ε; a 0-d tensor."""
@@ -98,7 +98,7 @@ def _step_inputs(g):
     return x, eps, float(abars[t]), float(abars[prev])
 
 
-def check_ddpm_step(fn) -> bool:
+def check_ddpm_step(fn) -> None:
     """`fn(x, eps, abar, abar_prev, z) -> x_prev`: one DDPM step (Ho et al. 2020,
     eq. 6-7) from ᾱ_t = abar to ᾱ_prev = abar_prev, with α = ᾱ_t/ᾱ_prev,
     β = 1 - α: x_prev = μ̃(x_t, x̂0) + √β̃ z, β̃ = (1-ᾱ_prev)/(1-ᾱ_t) β."""
@@ -125,7 +125,7 @@ def check_ddpm_step(fn) -> bool:
     return check("ddpm_step", (case() for _ in range(3)))
 
 
-def check_ddim_step(fn) -> bool:
+def check_ddim_step(fn) -> None:
     """`fn(x, eps, abar, abar_prev) -> x_prev`: one deterministic DDIM step (Song
     et al. 2021, eq. 12, η = 0): x_prev = √ᾱ_prev x̂0 + √(1-ᾱ_prev) ε."""
     g = generator(3)
@@ -147,7 +147,7 @@ def check_ddim_step(fn) -> bool:
     return check("ddim_step", (case() for _ in range(3)))
 
 
-def check_karras_sigmas(fn) -> bool:
+def check_karras_sigmas(fn) -> None:
     """`fn(sigma_min, sigma_max, n, rho=7.0) -> sigmas`: Karras et al. 2022, eq. 5,
     (n,) from σ_max down to σ_min, evenly spaced in σ^(1/ρ)."""
 
@@ -168,7 +168,7 @@ def check_karras_sigmas(fn) -> bool:
     return check("karras_sigmas", [case(0.03, 14.6, 10), case(0.1, 80.0, 25)])
 
 
-def check_guidance(fn) -> bool:
+def check_guidance(fn) -> None:
     """`fn(eps_uncond, eps_text, guidance_scale) -> eps`: classifier-free guidance
     (Ho & Salimans 2022, eq. 6, with w = guidance_scale): ε_∅ + w (ε_c - ε_∅)."""
     g = generator(7)
@@ -187,7 +187,7 @@ def check_guidance(fn) -> bool:
     return check("guidance", [case(7.5), case(3.0), case(0.0)])
 
 
-def check_img2img_start(fn) -> bool:
+def check_img2img_start(fn) -> None:
     """`fn(num_inference_steps, strength) -> first`: the index of the first of the
     sampler's steps that img2img runs (SDEdit; diffusers' rule: it runs
     int(steps · strength) steps, at most all of them, the last ones)."""
@@ -206,7 +206,7 @@ def check_img2img_start(fn) -> bool:
     return check("img2img_start", [case(steps, strength) for steps, strength in grid])
 
 
-def check_inpaint_blend(fn) -> bool:
+def check_inpaint_blend(fn) -> None:
     """`fn(latents, known, mask) -> latents`: after a step, keep the model's latents
     where mask = 1 (repaint) and put back `known` (the image's latent, noised to
     this step) where mask = 0."""

@@ -16,7 +16,7 @@ from sdscratch.tokenizer import merge_pair
 from sdscratch.vae import DiagonalGaussian
 
 
-def check_timestep_embedding(fn) -> bool:
+def check_timestep_embedding(fn) -> None:
     """`fn(t, dim) -> features`: (B,) timesteps -> (B, dim), [cos(t ω), sin(t ω)]
     with ω_i = 10000^(-i / (dim/2)), i = 0 … dim/2 - 1 (SD's order: cos first)."""
 
@@ -39,7 +39,7 @@ def check_timestep_embedding(fn) -> bool:
     return check("timestep_embedding", [case(t, 32), case(t.flip(0), 320)], atol=1e-3)
 
 
-def check_resblock(fn) -> bool:
+def check_resblock(fn) -> None:
     """`fn(block, x, time) -> h`: the forward pass of the package's `ResBlock`
     `block`, using its parts (norm1, conv1, time_emb_proj, norm2, conv2,
     conv_shortcut): GroupNorm → SiLU → conv, + projected SiLU(time), GroupNorm →
@@ -75,7 +75,7 @@ def check_resblock(fn) -> bool:
     return check("resblock", [case(8, 8), case(8, 16)])
 
 
-def check_merge_pair(fn) -> bool:
+def check_merge_pair(fn) -> None:
     """`fn(symbols, pair) -> symbols`: one BPE merge, every occurrence of the
     adjacent `pair` (left to right, not overlapping) joined into one symbol."""
 
@@ -99,7 +99,7 @@ def check_merge_pair(fn) -> bool:
     return check("merge_pair", [case(word, pair) for word, pair in words])
 
 
-def check_contrastive_loss(fn) -> bool:
+def check_contrastive_loss(fn) -> None:
     """`fn(logits) -> loss`: CLIP's symmetric cross-entropy over a (B, B) matrix of
     scaled similarities, image i belonging with text i: the mean of the
     image→text and text→image cross-entropies (a 0-d tensor)."""
@@ -125,7 +125,7 @@ def check_contrastive_loss(fn) -> bool:
     return check("contrastive_loss", (case() for _ in range(3)))
 
 
-def check_attention(fn) -> bool:
+def check_attention(fn) -> None:
     """`fn(q, k, v) -> out`: softmax(Q Kᵀ / √d) V for q (B, N, d), k and v
     (B, L, d): (B, N, d)."""
     g = generator(6)
@@ -155,7 +155,7 @@ def _posterior(g):
     return mean, logvar, DiagonalGaussian(torch.cat([mean, logvar], dim=1))
 
 
-def check_reparameterize(fn) -> bool:
+def check_reparameterize(fn) -> None:
     """`fn(mean, logvar, noise) -> z`: the reparameterisation trick (Kingma &
     Welling 2014, §2.4), z = mean + σ ε with σ = exp(½ logvar)."""
     g = generator(8)
@@ -176,7 +176,7 @@ def check_reparameterize(fn) -> bool:
     return check("reparameterize", (case() for _ in range(3)))
 
 
-def check_kl(fn) -> bool:
+def check_kl(fn) -> None:
     """`fn(mean, logvar) -> kl`: KL(N(mean, exp(logvar)) ‖ N(0, I)) per image,
     ½ Σ (μ² + σ² − 1 − log σ²) summed over (C, h, w): shape (B,)."""
     g = generator(9)
@@ -198,7 +198,7 @@ def check_kl(fn) -> bool:
     return check("kl", (case() for _ in range(3)))
 
 
-def check_matrix_sqrt(fn) -> bool:
+def check_matrix_sqrt(fn) -> None:
     """`fn(matrix) -> root`: the symmetric square root of a (D, D) symmetric
     positive semi-definite matrix (root @ root = matrix), as FID needs it;
     through the eigendecomposition V Λ^½ Vᵀ."""
