@@ -85,27 +85,50 @@ def test_the_exercise_notebook_clears_outputs_and_keeps_the_prose():
     assert "widgets" not in made["metadata"]
 
 
-def run_exercise_cells(notebook: dict) -> str:
-    """What the exercise and check cells print when run in order, in this process
-    (an exercise cell holds only its function, which takes what it uses as
-    arguments, so these cells run without the rest of the lesson)."""
+def source(item) -> str:
+    text = item["source"]
+    return text if isinstance(text, str) else "".join(text)
+
+
+def is_check_cell(text: str) -> bool:
+    """Only check calls (and the import of `exercises`)."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    return bool(lines) and all(
+        line.startswith("exercises.check_") or line == "from sdscratch import exercises"
+        for line in lines
+    )
+
+
+def exercise_cells(lesson: dict) -> list[int]:
+    """The indices of a lesson's exercise cells and check cells."""
+    return [
+        i
+        for i, item in enumerate(lesson["cells"])
+        if item["cell_type"] == "code"
+        and (BEGIN in source(item) or is_check_cell(source(item)))
+    ]
+
+
+def run_exercise_cells(notebook: dict, indices: list[int]) -> str:
+    """What cells `indices` print when run in order, in this process (an exercise
+    cell holds only its function, which takes what it uses as arguments, so these
+    cells run without the rest of the lesson)."""
     namespace, out = {}, io.StringIO()
-    exec("import math\nimport torch\nimport torch.nn.functional as F", namespace)
-    for item in notebook["cells"]:
-        source = item["source"]
-        source = source if isinstance(source, str) else "".join(source)
-        if item["cell_type"] == "code" and ("exercises" in source or
-                                            "NotImplementedError" in source or
-                                            BEGIN in source):  # fmt: skip
-            with contextlib.redirect_stdout(out):
-                exec(source, namespace)
+    preamble = "import math\nimport torch\nimport torch.nn.functional as F\n"
+    exec(preamble + "from sdscratch import exercises", namespace)
+    for i in indices:
+        with contextlib.redirect_stdout(out):
+            exec(source(notebook["cells"][i]), namespace)
     return out.getvalue()
 
 
 def test_a_lesson_passes_its_checks_and_its_exercise_copy_says_not_done():
     book = lesson(cell("code", EXERCISE), cell("code", CHECK))
-    assert run_exercise_cells(book) == "snr: right on all 1 random tests.\n"
-    assert run_exercise_cells(exercise_notebook(book)) == f"snr: {NOT_DONE}\n"
+    cells = exercise_cells(book)
+    assert cells == [0, 1]
+    assert run_exercise_cells(book, cells) == "snr: right on all 1 random tests.\n"
+    unsolved = run_exercise_cells(exercise_notebook(book), cells)
+    assert unsolved == f"snr: {NOT_DONE}\n"
 
 
 def test_make_exercises_writes_only_lessons_with_exercises(tmp_path):
@@ -160,11 +183,10 @@ def test_the_committed_exercises_are_made_from_the_lessons(tmp_path):
 @pytest.mark.parametrize("path", lessons_with_exercises(), ids=lambda p: p.name)
 def test_every_check_in_a_lesson_passes_and_its_exercise_says_not_done(path):
     notebook = json.loads(path.read_text())
-    checks = sum(
-        "".join(c["source"]).count("exercises.check_") for c in notebook["cells"]
-    )
+    cells = exercise_cells(notebook)
+    checks = sum(source(notebook["cells"][i]).count("exercises.check_") for i in cells)
     assert checks > 0
-    solved = run_exercise_cells(notebook).splitlines()
+    solved = run_exercise_cells(notebook, cells).splitlines()
     assert len(solved) == checks and all("right on all" in line for line in solved)
-    unsolved = run_exercise_cells(exercise_notebook(notebook)).splitlines()
+    unsolved = run_exercise_cells(exercise_notebook(notebook), cells).splitlines()
     assert len(unsolved) == checks and all(NOT_DONE in line for line in unsolved)

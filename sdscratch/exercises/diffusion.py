@@ -55,25 +55,39 @@ def check_snr(fn) -> None:
 
 
 def _toy_model(g):
-    """A small fixed ε-model, eps(x, t), that depends on both x and t."""
-    weight = torch.randn(3, 3, 3, 3, generator=g) * 0.2
+    """A small fixed ε-model, eps(x, t), for points (B, 2) or images (B, C, H, W):
+    a seeded linear map of each sample's values, plus a term in t."""
+    weights = {}
 
     def eps(x, t):
-        return F.conv2d(x, weight, padding=1) + (t.float() / 1000).reshape(-1, 1, 1, 1)
+        features = x.flatten(1)  # (B, D)
+        d = features.shape[1]
+        if d not in weights:
+            weights[d] = torch.randn(d, d, generator=g) / d**0.5
+        out = features @ weights[d] + t.float()[:, None] / 1000  # (B, D)
+        return out.reshape(x.shape)
 
     return eps
+
+
+def reference_diffusion_loss(eps_model, x0, t, noise, alphas_cumprod):
+    """The solution of the `diffusion_loss` exercise: DDPM's simple loss."""
+    abar = alphas_cumprod[t].reshape(-1, *[1] * (x0.ndim - 1))  # (B, 1, …, 1)
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+    return F.mse_loss(eps_model(x_t, t), noise)
 
 
 def check_diffusion_loss(fn) -> None:
     """`fn(eps_model, x0, t, noise, alphas_cumprod) -> loss`: DDPM's simple loss
     (Ho et al. 2020, eq. 14), the mean squared error between ε and
-    eps_model(x_t, t) at x_t = √ᾱ_t x0 + √(1-ᾱ_t) ε; a 0-d tensor."""
+    eps_model(x_t, t) at x_t = √ᾱ_t x0 + √(1-ᾱ_t) ε; a 0-d tensor. x0 and noise
+    have any shape (B, …): points (B, 2) or images (B, C, H, W)."""
     schedule, g = sd_schedule(), generator(1)
     model = _toy_model(g)
 
-    def case():
-        x0, noise = _pair(g, (4, 3, 8, 8))
-        t = torch.randint(0, 1000, (4,), generator=g)
+    def case(shape):
+        x0, noise = _pair(g, shape)
+        t = torch.randint(0, 1000, (shape[0],), generator=g)
         x_t = schedule.add_noise(x0, noise, t)
         mistakes = {
             "the target is the noise ε, not the clean image x0.":
@@ -86,7 +100,8 @@ def check_diffusion_loss(fn) -> None:
         got, error = call(fn, model, x0, t, noise, schedule.alphas_cumprod)
         return got, error, F.mse_loss(model(x_t, t), noise), mistakes
 
-    return check("diffusion_loss", (case() for _ in range(3)))
+    shapes = [(64, 2), (64, 2), (4, 3, 8, 8)]
+    return check("diffusion_loss", (case(shape) for shape in shapes))
 
 
 def _step_inputs(g):
@@ -96,6 +111,16 @@ def _step_inputs(g):
     prev = t - int(torch.randint(1, 50, (1,), generator=g))
     x, eps = _pair(g, (2, 4, 8, 8))
     return x, eps, float(abars[t]), float(abars[prev])
+
+
+def reference_ddpm_step(x, eps, abar, abar_prev, z):
+    """The solution of the `ddpm_step` exercise (Ho et al. 2020, eq. 6-7)."""
+    alpha = abar / abar_prev
+    beta = 1 - alpha
+    x0 = (x - (1 - abar) ** 0.5 * eps) / abar**0.5
+    mean = abar_prev**0.5 * beta / (1 - abar) * x0
+    mean = mean + alpha**0.5 * (1 - abar_prev) / (1 - abar) * x
+    return mean + ((1 - abar_prev) / (1 - abar) * beta) ** 0.5 * z
 
 
 def check_ddpm_step(fn) -> None:
