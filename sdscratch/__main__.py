@@ -218,6 +218,15 @@ def cmd_book_execute(args):
     execute(args.notebooks, root=args.root)
 
 
+def cmd_book_exercises(args):
+    from sdscratch.exercises.notebooks import write_exercises
+
+    root = Path(args.root)
+    written = write_exercises(root / "lessons", root / "exercises", args.force)
+    count = f"{len(written)} exercise notebook" + ("" if len(written) == 1 else "s")
+    print(f"wrote {count} into {root / 'exercises'}")
+
+
 def add_book_commands(commands):
     from sdscratch.book import ROOT
 
@@ -233,6 +242,12 @@ def add_book_commands(commands):
     )
     execute.add_argument("notebooks", nargs="*", help="default: every lesson")
     execute.set_defaults(func=cmd_book_execute)
+    exercises = actions.add_parser(
+        "exercises", help="write exercises/NN_topic.ipynb: the lessons, solutions out"
+    )
+    exercises.add_argument("--force", action="store_true",
+                           help="replace exercise notebooks that differ (your work)")
+    exercises.set_defaults(func=cmd_book_exercises)
 
 
 def build_parser() -> Parser:

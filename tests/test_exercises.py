@@ -1,0 +1,252 @@
+"""The exercise checks: a right answer passes, the usual wrong answers fail with
+their hint, an unfinished one says so, and none of them raises.
+
+Every answer here is written as a learner would write it, from the formula, not by
+calling the package: so these tests check the checks, and the package with them.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sdscratch import exercises
+
+# ----------------------------------------------------------------------------------
+# Right answers, from the formulas
+
+
+def add_noise(x0, noise, t, alphas_cumprod):
+    abar = alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
+
+def snr(alphas_cumprod):
+    return alphas_cumprod / (1 - alphas_cumprod)
+
+
+def noisy(x0, noise, t, alphas_cumprod):
+    """x_t for x0 of any shape (B, ...)."""
+    abar = alphas_cumprod[t].reshape(-1, *[1] * (x0.ndim - 1))
+    return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
+
+def diffusion_loss(eps_model, x0, t, noise, alphas_cumprod):
+    return ((eps_model(noisy(x0, noise, t, alphas_cumprod), t) - noise) ** 2).mean()
+
+
+def ddpm_step(x, eps, abar, abar_prev, z):
+    alpha = abar / abar_prev
+    beta = 1 - alpha
+    x0 = (x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)
+    mean = math.sqrt(abar_prev) * beta / (1 - abar) * x0
+    mean = mean + math.sqrt(alpha) * (1 - abar_prev) / (1 - abar) * x
+    return mean + math.sqrt((1 - abar_prev) / (1 - abar) * beta) * z
+
+
+def ddim_step(x, eps, abar, abar_prev):
+    x0 = (x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)
+    return math.sqrt(abar_prev) * x0 + math.sqrt(1 - abar_prev) * eps
+
+
+def karras_sigmas(sigma_min, sigma_max, n, rho=7.0):
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    low, high = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (high + ramp * (low - high)) ** rho
+
+
+def timestep_embedding(t, dim):
+    half = dim // 2
+    freqs = 10000.0 ** (-torch.arange(half) / half)
+    angles = t[:, None].float() * freqs
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+def resblock(block, x, time):
+    h = block.conv1(F.silu(block.norm1(x)))
+    h = h + block.time_emb_proj(F.silu(time))[:, :, None, None]
+    h = block.conv2(F.silu(block.norm2(h)))
+    return (x if block.conv_shortcut is None else block.conv_shortcut(x)) + h
+
+
+def merge_pair(symbols, pair):
+    out, i = [], 0
+    while i < len(symbols):
+        if tuple(symbols[i : i + 2]) == pair:
+            out.append(symbols[i] + symbols[i + 1])
+            i += 2
+        else:
+            out.append(symbols[i])
+            i += 1
+    return out
+
+
+def contrastive_loss(logits):
+    target = torch.arange(len(logits))
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def attention(q, k, v):
+    weights = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(dim=-1)
+    return weights @ v
+
+
+def guidance(eps_uncond, eps_text, w):
+    return eps_uncond + w * (eps_text - eps_uncond)
+
+
+def reparameterize(mean, logvar, noise):
+    return mean + torch.exp(0.5 * logvar) * noise
+
+
+def kl(mean, logvar):
+    return 0.5 * (mean**2 + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3))
+
+
+def img2img_start(steps, strength):
+    return steps - min(int(steps * strength), steps)
+
+
+def inpaint_blend(latents, known, mask):
+    return mask * latents + (1 - mask) * known
+
+
+def matrix_sqrt(matrix):
+    values, vectors = torch.linalg.eigh(matrix)
+    return vectors @ torch.diag(values.clamp(min=0).sqrt()) @ vectors.T
+
+
+RIGHT = {
+    "add_noise": add_noise, "snr": snr, "diffusion_loss": diffusion_loss,
+    "ddpm_step": ddpm_step, "ddim_step": ddim_step, "karras_sigmas": karras_sigmas,
+    "timestep_embedding": timestep_embedding, "resblock": resblock,
+    "merge_pair": merge_pair, "contrastive_loss": contrastive_loss,
+    "attention": attention, "guidance": guidance, "reparameterize": reparameterize,
+    "kl": kl, "img2img_start": img2img_start, "inpaint_blend": inpaint_blend,
+    "matrix_sqrt": matrix_sqrt,
+}  # fmt: skip
+
+# ----------------------------------------------------------------------------------
+# Wrong answers a learner writes, and a word of the hint each must get
+
+WRONG = [
+    ("add_noise", lambda x0, n, t, ac: ac[t].reshape(-1, 1, 1, 1) * x0
+     + (1 - ac[t].reshape(-1, 1, 1, 1)) * n, "square roots"),
+    ("add_noise", lambda x0, n, t, ac: add_noise(x0, n, t - 1, ac), "[t - 1]"),
+    ("snr", lambda ac: (1 - ac) / ac, "noise-to-signal"),
+    ("snr", lambda ac: (ac / (1 - ac)).sqrt(), "square root"),
+    ("diffusion_loss", lambda m, x0, t, n, ac: ((m(noisy(x0, n, t, ac), t) - x0)
+                                                ** 2).mean(), "target"),
+    ("diffusion_loss", lambda m, x0, t, n, ac: diffusion_loss(m, x0, t, n, ac)
+     * x0.numel(), "sum"),
+    ("ddpm_step", lambda x, e, a, ap, z: ddpm_step(x, e, a, ap, 0 * z)
+     + math.sqrt(1 - a / ap) * z, "β̃"),
+    ("ddpm_step", lambda x, e, a, ap, z: ddpm_step(x, e, a, ap, 0 * z), "fresh noise"),
+    ("ddim_step", lambda x, e, a, ap: math.sqrt(ap) * (x - math.sqrt(1 - a) * e)
+     / math.sqrt(a) + math.sqrt(1 - a) * e, "next level"),
+    ("karras_sigmas", lambda lo, hi, n, rho=7.0: karras_sigmas(lo, hi, n).flip(0),
+     "σ_max down"),
+    ("karras_sigmas", lambda lo, hi, n, rho=7.0: torch.linspace(
+        hi, lo, n, dtype=torch.float64), "evenly in σ^(1/ρ)"),
+    ("timestep_embedding", lambda t, d: timestep_embedding(t, d).roll(d // 2, -1),
+     "cosines first"),
+    ("resblock", lambda b, x, tm: resblock(b, x, tm) - (
+        x if b.conv_shortcut is None else b.conv_shortcut(x)), "skip"),
+    ("merge_pair", lambda s, p: merge_pair(s[:3], p) + s[3:] if len(s) > 3 else
+     merge_pair(s, p), "every occurrence"),
+    ("contrastive_loss", lambda lg: F.cross_entropy(lg, torch.arange(len(lg))),
+     "symmetric"),
+    ("attention", lambda q, k, v: (q @ k.transpose(-1, -2)).softmax(-1) @ v, "1/√d"),
+    ("attention", lambda q, k, v: (q @ k.transpose(-1, -2) / q.shape[-1]).softmax(-1)
+     @ v, "not 1/d"),
+    ("guidance", lambda u, c, w: w * (c - u), "starts from ε_∅"),
+    ("guidance", lambda u, c, w: c + w * (u - c), "push towards"),
+    ("reparameterize", lambda m, lv, n: m + lv.exp() * n, "not the variance"),
+    ("kl", lambda m, lv: (m**2 + lv.exp() - 1 - lv).sum(dim=(1, 2, 3)), "½"),
+    ("kl", lambda m, lv: 0.5 * (m**2 + lv.exp() - 1 - lv).mean(dim=(1, 2, 3)),
+     "do not average"),
+    ("img2img_start", lambda s, st: min(int(s * st), s), "where the run starts"),
+    ("img2img_start", lambda s, st: s - min(round(s * st), s), "round down"),
+    ("inpaint_blend", lambda lat, known, m: m * known + (1 - m) * lat, "repaint"),
+    ("matrix_sqrt", lambda a: a.abs().sqrt() * a.sign(), "each entry"),
+    ("matrix_sqrt", lambda a: torch.linalg.cholesky(a), "Cholesky"),
+]  # fmt: skip
+
+
+def check(name):
+    return getattr(exercises, f"check_{name}")
+
+
+def test_every_check_has_a_right_answer_here():
+    names = {
+        name.removeprefix("check_")
+        for name in dir(exercises)
+        if name.startswith("check_")
+    }
+    assert names == set(RIGHT)  # a right answer for every check
+    assert {name for name, _, _ in WRONG} == names  # and a mistake
+
+
+@pytest.mark.parametrize("name", sorted(RIGHT))
+def test_a_right_answer_passes(name, capsys):
+    check(name)(RIGHT[name])
+    assert capsys.readouterr().out.startswith(f"{name}: right on all")
+
+
+@pytest.mark.parametrize(
+    "name, wrong, hint", WRONG, ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(WRONG)]
+)
+def test_a_plausible_mistake_fails_with_its_hint(name, wrong, hint, capsys):
+    check(name)(wrong)
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and out.startswith(f"{name}: Not yet:")
+    assert hint in out
+
+
+@pytest.mark.parametrize("name", sorted(RIGHT))
+def test_an_unfinished_exercise_says_so(name, capsys):
+    def unfinished(*args):
+        raise NotImplementedError
+
+    check(name)(unfinished)
+    assert capsys.readouterr().out == f"{name}: {exercises.NOT_DONE}\n"
+
+
+def test_an_error_is_one_sentence_not_a_traceback(capsys):
+    def broken(x0, noise, t, alphas_cumprod):
+        return x0 + noise[:2]  # shapes that do not broadcast
+
+    exercises.check_add_noise(broken)
+    out = capsys.readouterr().out
+    assert out.startswith("add_noise: Your function raised RuntimeError:")
+    assert out.count("\n") == 1
+
+
+def test_a_wrong_shape_is_named(capsys):
+    def flat(x0, noise, t, alphas_cumprod):
+        return add_noise(x0, noise, t, alphas_cumprod).flatten(1)
+
+    exercises.check_add_noise(flat)
+    assert "shape (4, 192), expected (4, 3, 8, 8)" in capsys.readouterr().out
+
+
+def test_an_unknown_mistake_says_how_far_off(capsys):
+    exercises.check_snr(lambda ac: snr(ac) * 1.01)
+    assert "off by up to" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", sorted(exercises.REFERENCES))
+def test_yours_or_ours_takes_a_right_answer_and_falls_back_otherwise(name, capsys):
+    reference, _ = exercises.REFERENCES[name]
+    check(name)(reference)  # the package's version passes its own check
+    assert capsys.readouterr().out.startswith(f"{name}: right on all")
+    assert exercises.yours_or_ours(RIGHT[name]) is RIGHT[name]
+    assert capsys.readouterr().out == ""
+
+    def unfinished(*args):
+        raise NotImplementedError
+
+    unfinished.__name__ = name
+    assert exercises.yours_or_ours(unfinished) is reference
+    assert "the cells below use the package's" in capsys.readouterr().out
