@@ -49,25 +49,38 @@ def repository(book: dict) -> str:
     return url.removeprefix("https://github.com/")
 
 
-def links(book: dict, lesson_file: str) -> dict:
-    """The Colab, Kaggle and GitHub addresses of a lesson on the main branch."""
-    github = f"https://github.com/{repository(book)}/blob/main/lessons/{lesson_file}"
+def links(book: dict, lesson_file: str, folder: str = "lessons") -> dict:
+    """The Colab, Kaggle and GitHub addresses of a lesson (or, with `folder=
+    "exercises"`, of its exercise notebook) on the main branch."""
+    path = f"{folder}/{lesson_file}"
+    github = f"https://github.com/{repository(book)}/blob/main/{path}"
     return {
         "colab": f"https://colab.research.google.com/github/{repository(book)}"
-        f"/blob/main/lessons/{lesson_file}",
+        f"/blob/main/{path}",
         "kaggle": f"https://kaggle.com/kernels/welcome?src={github}",
         "github": github,
     }
 
 
-def header_markdown(book: dict, lesson_file: str, title: str) -> str:
-    """The first cell of every lesson: its title and the Open in Colab/Kaggle badges."""
+def header_markdown(
+    book: dict, lesson_file: str, title: str, exercises: bool = False
+) -> str:
+    """The first cell of every lesson: its title, the Open in Colab/Kaggle badges
+    and, for a lesson with exercises, links to its exercise notebook."""
     link = links(book, lesson_file)
-    return (
+    header = (
         f"# {title}\n\n"
         f"[![Open In Colab]({COLAB_BADGE})]({link['colab']}) "
         f"[![Open In Kaggle]({KAGGLE_BADGE})]({link['kaggle']})"
     )
+    if exercises:
+        work = links(book, lesson_file, "exercises")
+        header += (
+            "\n\n**Exercises:** the same lesson with the solutions taken out, to "
+            f"write them yourself: [in Colab]({work['colab']}) · "
+            f"[in Kaggle]({work['kaggle']}) · [on GitHub]({work['github']})"
+        )
+    return header
 
 
 def setup_code(book: dict) -> str:

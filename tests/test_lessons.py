@@ -18,6 +18,7 @@ from sdscratch.book import (
     load_book,
     setup_code,
 )
+from sdscratch.exercises.notebooks import has_solutions
 
 LESSONS = sorted((ROOT / "lessons").glob("*.ipynb"))
 BOOK = load_book()
@@ -48,7 +49,10 @@ def test_lesson_opens_with_title_badges_and_setup(lesson):
     first, second = cells(ROOT / "lessons" / lesson["file"])[:2]
     assert first["cell_type"] == "markdown"
     title = source(first).splitlines()[0].removeprefix("# ")
-    assert source(first) == header_markdown(BOOK, lesson["file"], title)
+    notebook = json.loads((ROOT / "lessons" / lesson["file"]).read_text())
+    assert source(first) == header_markdown(
+        BOOK, lesson["file"], title, exercises=has_solutions(notebook)
+    )
     link = links(BOOK, lesson["file"])
     assert f"/blob/main/lessons/{lesson['file']})" in link["colab"] + ")"
     assert second["cell_type"] == "code"
