@@ -25,6 +25,7 @@ from sdscratch.exercises.diffusion import (
     check_inpaint_blend,
     check_karras_sigmas,
     check_snr,
+    reference_ddim_step,
     reference_ddpm_step,
     reference_diffusion_loss,
 )
@@ -66,6 +67,7 @@ __all__ = [
 REFERENCES = {
     "diffusion_loss": (reference_diffusion_loss, check_diffusion_loss),
     "ddpm_step": (reference_ddpm_step, check_ddpm_step),
+    "ddim_step": (reference_ddim_step, check_ddim_step),
 }
 
 

@@ -150,6 +150,12 @@ def check_ddpm_step(fn) -> None:
     return check("ddpm_step", (case() for _ in range(3)))
 
 
+def reference_ddim_step(x, eps, abar, abar_prev):
+    """The solution of the `ddim_step` exercise (Song et al. 2021, eq. 12, η = 0)."""
+    x0 = (x - (1 - abar) ** 0.5 * eps) / abar**0.5
+    return abar_prev**0.5 * x0 + (1 - abar_prev) ** 0.5 * eps
+
+
 def check_ddim_step(fn) -> None:
     """`fn(x, eps, abar, abar_prev) -> x_prev`: one deterministic DDIM step (Song
     et al. 2021, eq. 12, η = 0): x_prev = √ᾱ_prev x̂0 + √(1-ᾱ_prev) ε."""
