@@ -255,18 +255,22 @@ def check_sd_v1(root: Path, unet_config: dict, scheduler_config: dict):
         )
 
 
-def read_state(path: Path, names: dict, model: torch.nn.Module, dtype) -> dict:
+def read_state(path: Path, names: dict, model: torch.nn.Module, dtype,
+               others=False) -> dict:
     """A safetensors file's tensors under our names, checked against the model's
     (meta) parameters: every one present, none extra, shapes equal; cast to dtype.
+    A (C, C, 1, 1) convolution where the model has a (C, C) linear layer is read
+    as that layer (CompVis's VAE attention).
 
     Args:
         names: file key -> our key (keys mapped to None are skipped).
+        others: the file holds other models' tensors too: skip unlisted keys.
     """
     expected = model.state_dict()
     state = {}
     try:
         with safe_open(str(path), framework="pt") as file:
-            keys = list(file.keys())
+            keys = [key for key in file.keys() if not others or key in names]
             unknown = [key for key in keys if key not in names]
             if unknown:
                 raise CheckpointError(
@@ -275,15 +279,9 @@ def read_state(path: Path, names: dict, model: torch.nn.Module, dtype) -> dict:
                 )
             for key in keys:
                 ours = names[key]
-                if ours is None:
-                    continue
-                tensor = file.get_tensor(key)
-                if ours in expected and tensor.shape != expected[ours].shape:
-                    raise CheckpointError(
-                        f"{path}: {key} has shape {tuple(tensor.shape)}, but its "
-                        f"config.json needs {tuple(expected[ours].shape)}."
-                    )
-                state[ours] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+                if ours is not None:
+                    state[ours] = _checked(file.get_tensor(key), key, ours, expected,
+                                           path, dtype)  # fmt: skip
     except CheckpointError:
         raise
     except Exception:  # safetensors' own errors: truncated, bad header
@@ -298,11 +296,26 @@ def read_state(path: Path, names: dict, model: torch.nn.Module, dtype) -> dict:
     return state
 
 
-def build(model_cls, config, path, names, dtype):
+def _checked(tensor, key, ours, expected, path, dtype) -> torch.Tensor:
+    """One tensor of a file, in the model's shape and `dtype`, or one sentence."""
+    if ours not in expected:
+        raise CheckpointError(f"{path}: {key} is not a tensor of the model.")
+    shape = expected[ours].shape
+    if len(shape) == 2 and tensor.shape == (*shape, 1, 1):  # a 1×1 convolution
+        tensor = tensor[:, :, 0, 0]
+    if tensor.shape != shape:
+        raise CheckpointError(
+            f"{path}: {key} has shape {tuple(tensor.shape)}, but the model's "
+            f"config needs {tuple(shape)}."
+        )
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+
+def build(model_cls, config, path, names, dtype, others=False):
     """`model_cls(config)` on the meta device, then given the file's tensors."""
     with torch.device("meta"):
         model = model_cls(config)
-    state = read_state(path, names, model, dtype)
+    state = read_state(path, names, model, dtype, others)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 
@@ -325,19 +338,9 @@ def read_diffusers_folder(root, dtype=torch.float32, variant=None) -> dict:
 
     root = Path(root)
     files = check_complete(root, variant)
-    configs = {name: read_json(root / name / "config.json") for name in COMPONENTS}
-    scheduler = read_json(root / "scheduler" / "scheduler_config.json")
-    check_sd_v1(root, configs["unet"], scheduler)
-    try:
-        unet_config = port.unet_config_from_diffusers(configs["unet"])
-        vae_config = port.vae_config_from_diffusers(configs["vae"])
-        text_config = port.text_encoder_config_from_transformers(
-            configs["text_encoder"]
-        )
-    except KeyError as error:
-        raise CheckpointError(f"{root}: a config.json lacks {error}.") from None
-    except ValueError as error:
-        raise CheckpointError(f"{root}: {error}") from None
+    configs, scheduler = diffusers_settings(root)
+    unet_config, vae_config = configs["unet"], configs["vae"]
+    text_config = configs["text_encoder"]
     parts = {}
     for name, cls, config, rename in (
         ("unet", UNet, unet_config, port.unet_state_dict_from_diffusers),
@@ -350,6 +353,52 @@ def read_diffusers_folder(root, dtype=torch.float32, variant=None) -> dict:
     parts["tokenizer"] = Tokenizer.from_pretrained(root / "tokenizer")
     parts["scheduler_config"] = scheduler
     return parts
+
+
+def diffusers_settings(root: Path) -> tuple[dict, dict]:
+    """Our configs of a diffusers folder's three models, and its scheduler config;
+    SD 2.x, SDXL and layouts we do not build are refused with one sentence."""
+    configs = {name: read_json(root / name / "config.json") for name in COMPONENTS}
+    scheduler = read_json(root / SCHEDULER_CONFIG)
+    check_sd_v1(root, configs["unet"], scheduler)
+    try:
+        return {
+            "unet": port.unet_config_from_diffusers(configs["unet"]),
+            "vae": port.vae_config_from_diffusers(configs["vae"]),
+            "text_encoder": port.text_encoder_config_from_transformers(
+                configs["text_encoder"]
+            ),
+        }, scheduler
+    except KeyError as error:
+        raise CheckpointError(f"{root}: a config.json lacks {error}.") from None
+    except ValueError as error:
+        raise CheckpointError(f"{root}: {error}") from None
+
+
+def read_settings(name_or_path) -> tuple:
+    """(configs, tokenizer, schedule) of a folder (diffusers' or ours) or a Hub repo
+    (its configs only are downloaded): what a single file does not hold."""
+    from sdscratch.checkpoint import read_config
+    from sdscratch.clip import TextEncoderConfig
+    from sdscratch.tokenizer import Tokenizer
+    from sdscratch.unet import UNetConfig
+    from sdscratch.vae import VAEConfig
+
+    kind, where = locate(name_or_path)
+    if kind == "hub":
+        files = ["model_index.json", "*/config.json", *OTHER_FILES]
+        kind, where = "diffusers", download(where, files=files)
+    if kind == "single_file":
+        raise CheckpointError(f"config must be a folder or a Hub repo id: {where}.")
+    tokenizer = Tokenizer.from_pretrained(where / "tokenizer")
+    if kind == "diffusers":
+        configs, scheduler = diffusers_settings(where)
+        return configs, tokenizer, schedule_from_config(
+            scheduler, where / SCHEDULER_CONFIG
+        )
+    classes = {"unet": UNetConfig, "vae": VAEConfig, "text_encoder": TextEncoderConfig}
+    configs = {name: read_config(where / name, cls) for name, cls in classes.items()}
+    return configs, tokenizer, read_schedule(where)
 
 
 def file_keys(path: Path) -> list:
