@@ -10,6 +10,7 @@ diffusers' images. Single files are checked against diffusers' own converter
 import dataclasses
 import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -21,9 +22,12 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.loaders import single_file_utils as converter
+from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from conftest import run_cli
 from sdscratch.data import Shapes
 from sdscratch.pipeline import StableDiffusion
 from sdscratch.single_file import infer_configs
@@ -371,3 +375,103 @@ def test_full_checkpoint_with_ema_weights(folder, compvis_file, tmp_path):
         )
         ours = pipe.to_diffusers().unet.state_dict()
         assert all(torch.equal(ours[key], expected[key]) for key in expected)
+
+
+# ----------------------------------------------------------------------------------
+# Bad input: one sentence on the command line, exit code 2
+
+
+def edit_json(path, **changes):
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps(config | changes))
+
+
+def broken(folder, tmp_path, how):
+    """A copy of the tiny SD folder (or a file), broken in one way."""
+    root = tmp_path / "model"
+    shutil.copytree(folder, root)
+    unet = root / "unet" / "config.json"
+    if how == "SD 2.x config":
+        edit_json(unet, cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20],
+                  use_linear_projection=True)  # fmt: skip
+    elif how == "SDXL config":
+        edit_json(unet, addition_embed_type="text_time")
+    elif how == "v-prediction scheduler":
+        edit_json(root / "scheduler" / "scheduler_config.json",
+                  prediction_type="v_prediction")  # fmt: skip
+    elif how == "missing component":
+        shutil.rmtree(root / "vae")
+    elif how == "truncated weights":
+        weights = root / "unet" / "diffusion_pytorch_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif how == "wrong shapes":
+        edit_json(unet, block_out_channels=[32, 32, 64, 128])
+    elif how == "pickle":
+        root = tmp_path / "v1-5-pruned-emaonly.ckpt"
+        root.write_bytes(b"not read")
+    elif how == "unknown keys in a single file":
+        pipe = StableDiffusion.from_pretrained(folder)
+        root = pipe.save_single_file(tmp_path / "model.safetensors")
+        state = load_file(str(root))
+        state["model.diffusion_model.extra_head.weight"] = torch.zeros(2)
+        with safe_open(str(root), "pt") as file:
+            save_file(state, str(root), metadata=file.metadata())
+    return root
+
+
+BROKEN = {  # how: what the sentence must say
+    "SD 2.x config": "Stable Diffusion 2.x model",
+    "SDXL config": "SDXL model",
+    "v-prediction scheduler": "'v_prediction'",
+    "missing component": "vae/config.json is missing",
+    "truncated weights": "not a readable safetensors file",
+    "wrong shapes": "has shape",
+    "pickle": "sdscratch reads only .safetensors",
+    "unknown keys in a single file": "model.diffusion_model.extra_head.weight",
+}
+
+
+@pytest.mark.parametrize("how", BROKEN)
+def test_bad_model_is_one_sentence_exit_2(folder, tmp_path, how):
+    model = broken(folder, tmp_path, how)
+    out_png = tmp_path / "out.png"
+    code, out, err = run_cli("generate", "a", "--model", model, "-o", out_png)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert BROKEN[how] in err
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_bundled_name_wins_over_a_folder_of_that_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "shapes-ldm").mkdir()
+    (tmp_path / "shapes-ldm" / "MANIFEST.json").write_text("{ not a manifest")
+    code, out, err = run_cli("generate", "a red circle", "--model", "shapes-ldm",
+                             "--steps", 2, "-o", "out.png")  # fmt: skip
+    assert code == 0, err
+    assert (tmp_path / "out.png").is_file()
+    assert (tmp_path / "shapes-ldm" / "MANIFEST.json").read_text() == "{ not a manifest"
+    code, _, err = run_cli("generate", "a", "--model", "./shapes-ldm", "-o", "x.png")
+    assert code == 2 and "MANIFEST.json is not valid JSON" in err
+
+
+def test_repo_id_offline_is_one_sentence(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, out, err = run_cli("generate", "a cat", "--model",
+                             "stable-diffusion-v1-5/stable-diffusion-v1-5",
+                             "-o", tmp_path / "out.png")  # fmt: skip
+    assert code == 2 and err.count("\n") == 1
+    assert "Cannot download stable-diffusion-v1-5/stable-diffusion-v1-5" in err
+
+
+@pytest.mark.parametrize("option", [["--dtype", "fp8"], ["--device", "tpu"]])
+def test_bad_dtype_or_device_is_one_line(tmp_path, option):
+    code, out, err = run_cli("generate", "a", *option, "-o", tmp_path / "x.png")
+    assert code == 2 and err.count("\n") == 1 and "invalid choice" in err
+
+
+def test_generate_with_a_diffusers_folder_and_bf16(folder, tmp_path):
+    options = ["--dtype", "bf16", "--steps", 2, "-o", tmp_path / "x.png"]
+    code, out, err = run_cli("generate", "a red circle", "--model", folder, *options)
+    assert code == 0, err
+    assert Image.open(tmp_path / "x.png").size == (64, 64)
