@@ -43,6 +43,7 @@ DTYPES = {  # the names torch_dtype may be given by, and the CLI's
 }  # fmt: skip
 OTHER_FILES = ("tokenizer/vocab.json", "tokenizer/merges.txt",
                "scheduler/scheduler_config.json")  # fmt: skip
+# (tokenizer/tokenizer.json, which transformers 5 writes, may stand for the first two)
 
 
 def is_path(name_or_path) -> bool:
@@ -216,6 +217,8 @@ def check_complete(root: Path, variant=None) -> dict:
     """Every file a diffusers SD v1 folder needs, or one sentence naming what is
     missing. Returns {component: weights file}."""
     missing = [name for name in OTHER_FILES if not (root / name).is_file()]
+    if (root / "tokenizer" / "tokenizer.json").is_file():  # transformers 5's one file
+        missing = [name for name in missing if not name.startswith("tokenizer/")]
     missing += [
         f"{name}/{config}"
         for name, (_, config) in COMPONENTS.items()

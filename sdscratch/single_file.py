@@ -217,6 +217,7 @@ def read_single_file(path, dtype=torch.float32, config=None, extract_ema=False):
     with torch.device("meta"):
         models = {name: classes[name](configs[name]) for name in classes}
     sources = _sources(path, keys, compvis_names(models), extract_ema)
+    tokenizer = tokenizer or _sd15_tokenizer(path)  # after the checks: no download
     parts = {
         name: build(classes[name], configs[name], path, sources[name], dtype, True)
         for name in classes
@@ -290,15 +291,14 @@ def _sources(path, keys, names, extract_ema) -> dict:
 
 def _settings(path, shapes, metadata, config) -> tuple:
     """(configs, tokenizer, schedule): from `config`, the file's metadata, or
-    inferred as SD v1's from the tensors' shapes."""
+    inferred as SD v1's from the tensors' shapes (tokenizer None: SD v1.5's)."""
     from sdscratch.schedules import NoiseSchedule
 
     if config is not None:
         return read_settings(config)
     if METADATA in metadata:
         return _from_metadata(path, metadata[METADATA])
-    configs = infer_configs(path, shapes)
-    return configs, _sd15_tokenizer(path), NoiseSchedule.scaled_linear()
+    return infer_configs(path, shapes), None, NoiseSchedule.scaled_linear()
 
 
 def _from_metadata(path, text) -> tuple:
