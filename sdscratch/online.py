@@ -74,8 +74,11 @@ def may_download(what="the real SD v1.5 weights (~2 GB)", timeout=3.0) -> Access
         return Access(False, f"{skipped}, and HF_HUB_OFFLINE is set here.")
     endpoint = os.environ.get("HF_ENDPOINT", HUB)  # a mirror, if the user set one
     if not reachable(endpoint, timeout):
+        hint = ""
+        if "KAGGLE_KERNEL_RUN_TYPE" in os.environ:  # Kaggle starts with it off
+            hint = " (on Kaggle, switch Internet on in the notebook's settings)"
         return Access(False, f"{skipped}, and {endpoint} did not answer within "
-                             f"{timeout:g} s.")
+                             f"{timeout:g} s{hint}.")
     return Access(True)
 
 

@@ -135,8 +135,11 @@ def test_a_silent_hub_is_given_up_after_the_timeout(laptop, silent):
     laptop.setenv("HF_ENDPOINT", silent)
     laptop.setenv("KAGGLE_KERNEL_RUN_TYPE", "Interactive")
     start = time.perf_counter()
-    assert not may_download("x", timeout=0.5)
+    access = may_download("x", timeout=0.5)
     assert time.perf_counter() - start < 1.5
+    assert not access
+    assert access.reason.endswith("(on Kaggle, switch Internet on in the notebook's "
+                                  "settings).")
 
 
 def test_any_http_answer_counts_as_reachable(laptop, hub):
