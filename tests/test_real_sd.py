@@ -128,7 +128,8 @@ def test_bfloat16_matches_diffusers_bfloat16(folder):
     ours = our_images(pipe)
     # bfloat16 keeps 8 bits of mantissa: pixels within a few 1/256 of diffusers'
     assert (ours - expected).abs().max() <= 2e-2
-    assert (expected - full).abs().max() > 1e-3  # the test sees bfloat16's rounding
+    # and far closer to diffusers' bfloat16 image than to its float32 one
+    assert (ours - expected).abs().max() < (expected - full).abs().max() / 2
 
 
 def test_fp16_variant_files(folder):
