@@ -529,3 +529,16 @@ def test_unsupported_scheduler_settings_are_refused(setting, value):
                   beta_schedule="scaled_linear", **{setting: value})  # fmt: skip
     with pytest.raises(CheckpointError, match=setting):
         schedule_from_config(config)
+
+
+def test_a_vae_config_without_scaling_factor_gets_diffusers_default(folder, tmp_path):
+    """SD v1.5's vae/config.json (diffusers 0.6) has no scaling_factor."""
+    root = tmp_path / "model"
+    shutil.copytree(folder, root)
+    config = json.loads((root / "vae" / "config.json").read_text())
+    del config["scaling_factor"], config["latent_channels"]
+    (root / "vae" / "config.json").write_text(json.dumps(config))
+    assert AutoencoderKL.from_config(config).config.scaling_factor == 0.18215
+    pipe = StableDiffusion.from_pretrained(root)
+    assert pipe.vae.config.scaling_factor == 0.18215
+    assert pipe.vae.config.latent_channels == 4
