@@ -542,3 +542,19 @@ def test_a_vae_config_without_scaling_factor_gets_diffusers_default(folder, tmp_
     pipe = StableDiffusion.from_pretrained(root)
     assert pipe.vae.config.scaling_factor == 0.18215
     assert pipe.vae.config.latent_channels == 4
+
+
+@pytest.mark.parametrize("task", ["ddpm", "euler_ancestral", "dpmpp_2m", "img2img",
+                                  "inpaint"])  # fmt: skip
+def test_every_task_runs_in_bfloat16(task):
+    pipe = StableDiffusion.from_pretrained("shapes-ldm", torch_dtype=torch.bfloat16)
+    run = dict(num_inference_steps=2, output_type="latent",
+               generator=torch.Generator().manual_seed(0))  # fmt: skip
+    image = torch.zeros(1, 3, 32, 32)
+    if task == "img2img":
+        latents = pipe.img2img("a red circle", image, **run)
+    elif task == "inpaint":
+        latents = pipe.inpaint("a red circle", image, torch.ones(1, 1, 32, 32), **run)
+    else:
+        latents = pipe("a red circle", sampler=task, karras=task == "dpmpp_2m", **run)
+    assert latents.dtype == torch.bfloat16 and latents.isfinite().all()
