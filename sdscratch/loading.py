@@ -22,10 +22,10 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from sdscratch import assets_dir, port
 from sdscratch.checkpoint import MANIFEST, CheckpointError, load_component, verify
+from sdscratch.tensorfile import DamagedFile, read_header, read_tensors
 
 DEFAULT_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the real SD v1.5
 PICKLES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
@@ -271,26 +271,27 @@ def read_state(path: Path, names: dict, model: torch.nn.Module, dtype,
     """
     expected = model.state_dict()
     state = {}
-    try:
-        with safe_open(str(path), framework="pt") as file:
-            keys = [key for key in file.keys() if not others or key in names]
-            unknown = [key for key in keys if key not in names]
-            if unknown:
-                raise CheckpointError(
-                    f"{path} holds {len(unknown)} tensors that are not in the model, "
-                    f"e.g. {unknown[0]!r}."
-                )
-            for key in keys:
-                ours = names[key]
-                if ours is not None:
-                    state[ours] = _checked(file.get_tensor(key), key, ours, expected,
-                                           path, dtype)  # fmt: skip
-    except CheckpointError:
-        raise
-    except Exception:  # safetensors' own errors: truncated, bad header
+    header = _read_header(path)
+    keys = [key for key in header if not others or key in names]
+    unknown = [key for key in keys if key not in names]
+    if unknown:
         raise CheckpointError(
-            f"{path} is not a readable safetensors file (truncated or damaged?)."
-        ) from None
+            f"{path} holds {len(unknown)} tensors that are not in the model, "
+            f"e.g. {unknown[0]!r}."
+        )
+    for key in keys:
+        ours = names[key]
+        if ours is None:
+            continue
+        shape = tuple(header[key]["shape"])
+        _check_shape(shape, key, ours, expected, path)
+    wanted = [key for key in keys if names[key] is not None]
+    try:
+        for key, tensor in read_tensors(path, wanted, dtype):
+            shape = expected[names[key]].shape
+            state[names[key]] = tensor.reshape(shape)  # (C, C, 1, 1) -> (C, C)
+    except OSError:
+        raise CheckpointError(f"{path} could not be read.") from None
     missing = sorted(set(expected) - set(state))
     if missing:
         raise CheckpointError(
@@ -299,19 +300,25 @@ def read_state(path: Path, names: dict, model: torch.nn.Module, dtype,
     return state
 
 
-def _checked(tensor, key, ours, expected, path, dtype) -> torch.Tensor:
-    """One tensor of a file, in the model's shape and `dtype`, or one sentence."""
+def _check_shape(shape, key, ours, expected, path):
+    """A file's tensor fits the model's, or one sentence says how it does not. A
+    (C, C, 1, 1) convolution fits a (C, C) linear layer (CompVis's VAE attention)."""
     if ours not in expected:
         raise CheckpointError(f"{path}: {key} is not a tensor of the model.")
-    shape = expected[ours].shape
-    if len(shape) == 2 and tensor.shape == (*shape, 1, 1):  # a 1×1 convolution
-        tensor = tensor[:, :, 0, 0]
-    if tensor.shape != shape:
+    needed = tuple(expected[ours].shape)
+    if shape != needed and not (len(needed) == 2 and shape == (*needed, 1, 1)):
         raise CheckpointError(
-            f"{path}: {key} has shape {tuple(tensor.shape)}, but the model's "
-            f"config needs {tuple(shape)}."
+            f"{path}: {key} has shape {shape}, but the model's config needs {needed}."
         )
-    return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+
+def _read_header(path) -> dict:
+    try:
+        return read_header(path)[0]
+    except (DamagedFile, KeyError, TypeError, ValueError, OSError):
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file (truncated or damaged?)."
+        ) from None
 
 
 def build(model_cls, config, path, names, dtype, others=False):
@@ -405,13 +412,7 @@ def read_settings(name_or_path) -> tuple:
 
 
 def file_keys(path: Path) -> list:
-    try:
-        with safe_open(str(path), framework="pt") as file:
-            return list(file.keys())
-    except Exception:
-        raise CheckpointError(
-            f"{path} is not a readable safetensors file (truncated or damaged?)."
-        ) from None
+    return list(_read_header(path))
 
 
 def _renamed(rename, key):

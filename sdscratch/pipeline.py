@@ -364,7 +364,8 @@ class StableDiffusion:
                 callback=callback,
                 init=init,
                 strength=strength,
-                mask=_latent_mask(mask, n, len(context), self.vae_scale_factor),
+                mask=_latent_mask(mask, n, len(context), self.vae_scale_factor,
+                                  noise),
                 progress=progress,
             )
         if output_type == "latent":
@@ -498,10 +499,12 @@ def _mask_tensor(mask, image_shape) -> torch.Tensor:
     return mask.clamp(0, 1)
 
 
-def _latent_mask(mask, n, total, factor):
-    """(B, 1, H, W) pixel mask -> (N, 1, H/f, W/f): a latent cell is repainted as
-    much as the most repainted pixel it covers."""
-    return None if mask is None else _per_image(F.max_pool2d(mask, factor), n, total)
+def _latent_mask(mask, n, total, factor, like):
+    """(B, 1, H, W) pixel mask -> (N, 1, H/f, W/f) with `like`'s device and dtype:
+    a latent cell is repainted as much as the most repainted pixel it covers."""
+    if mask is None:
+        return None
+    return _per_image(F.max_pool2d(mask, factor), n, total).to(like)
 
 
 def _per_image(x, n, total) -> torch.Tensor:

@@ -23,6 +23,12 @@ VAE_RENAMES = {  # diffusers name (whole dotted parts): sdscratch name
 }
 
 
+# AutoencoderKL's defaults for what older config.json files leave out (SD v1.5's,
+# written by diffusers 0.6, has no scaling_factor).
+VAE_DEFAULTS = {"in_channels": 3, "out_channels": 3, "latent_channels": 4,
+                "layers_per_block": 1, "norm_num_groups": 32, "scaling_factor": 0.18215}
+
+
 def rename_parts(name: str, table: dict, reverse=False) -> str:
     """Rename whole dotted parts of a parameter name by `table` (old: new).
 
@@ -41,7 +47,7 @@ def vae_config_from_diffusers(config):
     refuse what we do not build."""
     from sdscratch.vae import VAEConfig
 
-    config = dict(config)
+    config = VAE_DEFAULTS | dict(config)
     levels = len(config["block_out_channels"])
     expected = {
         "act_fn": "silu",

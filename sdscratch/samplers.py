@@ -2,7 +2,7 @@
 
 Five samplers, each one function that takes one step, and one loop, `sample()`, that
 drives them. The loop is the loop of a diffusers pipeline with the matching scheduler
-(DESIGN.md): scale the initial noise, scale the model input, take a step. So the two
+(see `sample`): scale the initial noise, scale the model input, take a step. So the two
 agree number for number (tests/test_samplers.py).
 
 A noisy sample has two common forms (Karras et al. 2022, §2 and Appendix C.2):

@@ -15,7 +15,6 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sdscratch import port
@@ -28,6 +27,7 @@ from sdscratch.loading import (
     read_settings,
     schedule_from_config,
 )
+from sdscratch.tensorfile import DamagedFile, read_header
 
 UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model."
 TEXT_PREFIXES = ("cond_stage_model.transformer.text_model.",
@@ -242,14 +242,13 @@ def _checked_path(path) -> Path:
 def _header(path: Path) -> tuple:
     """The file's keys, their shapes, and its metadata, without reading tensors."""
     try:
-        with safe_open(str(path), framework="pt") as file:
-            keys = list(file.keys())
-            shapes = {key: tuple(file.get_slice(key).get_shape()) for key in keys}
-            return keys, shapes, file.metadata() or {}
-    except Exception:
+        header, metadata, _ = read_header(path)
+    except (DamagedFile, KeyError, TypeError, ValueError, OSError):
         raise CheckpointError(
             f"{path} is not a readable safetensors file (truncated or damaged?)."
         ) from None
+    shapes = {key: tuple(info["shape"]) for key, info in header.items()}
+    return list(header), shapes, metadata
 
 
 def _sources(path, keys, names, extract_ema) -> dict:
