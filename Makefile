@@ -5,6 +5,10 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # On the course machines the CPU build of torch waits in /opt/wheels.
 PIP_FLAGS := -c constraints.txt $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
+# OpenAI CLIP's BPE vocabulary ships in open-clip-torch's wheel; the tokenizer test
+# reads it from the zip, so the wheel is downloaded (not installed: it would pull
+# torchvision) into .venv/wheels. About 1.5 MB.
+OPEN_CLIP := open-clip-torch==3.3.0
 # Jupyter refuses to run as root (containers, CI) unless told that it is meant.
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
 NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=600 \
@@ -17,6 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(PIP_FLAGS) -e ".[test]"
+	$(BIN)/python -m pip download --quiet --no-deps --no-binary=:none: $(OPEN_CLIP) -d $(VENV)/wheels
 	touch $(STAMP)
 
 ## make lab: create .venv if needed and open JupyterLab on the lessons

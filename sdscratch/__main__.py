@@ -62,7 +62,9 @@ def cmd_generate(args):
         raise ValueError("--mask needs --init-image, the image to repaint.")
     if args.strength is not None and image is None:
         raise ValueError("--strength needs --init-image, the image to start from.")
-    pipe = StableDiffusion.from_pretrained(args.model)
+    pipe = StableDiffusion.from_pretrained(
+        args.model, torch_dtype=args.dtype, device=pick_device(args.device)
+    )
     options = dict(
         negative_prompt=args.negative_prompt,
         num_inference_steps=args.steps,
@@ -84,6 +86,19 @@ def cmd_generate(args):
     picture = make_grid(images, pad=2) if len(images) > 1 else images[0]
     to_pil(picture[None])[0].save(out)
     print(out)
+
+
+def pick_device(name):
+    """The torch device for --device (None: the CPU), or one sentence if absent."""
+    import torch
+
+    if name is None or name == "cpu":
+        return torch.device("cpu")
+    available = {"cuda": torch.cuda.is_available(),
+                 "mps": torch.backends.mps.is_available()}  # fmt: skip
+    if not available[name]:
+        raise ValueError(f"--device {name}: this machine's torch has no {name} device.")
+    return torch.device(name)
 
 
 def output_path(args) -> Path:
@@ -148,7 +163,14 @@ def add_generate_command(commands):
     generate.add_argument("--force", action="store_true",
                           help="overwrite the output if it exists")
     generate.add_argument("--model", default="shapes-ldm",
-                          help="bundled name or folder (default: shapes-ldm)")
+                          help="a bundled name, a folder (ours or a diffusers SD "
+                          "v1.x one), a .safetensors single file or a Hub repo id "
+                          "such as stable-diffusion-v1-5/stable-diffusion-v1-5 "
+                          "(default: shapes-ldm)")
+    generate.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
+                          help="the models' precision (default: fp32)")
+    generate.add_argument("--device", choices=("cpu", "cuda", "mps"),
+                          help="where to run (default: cpu)")
     generate.add_argument("--init-image",
                           help="img2img: start from this image instead of noise")
     generate.add_argument("--strength", type=fraction,

@@ -20,8 +20,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from sdscratch import assets_dir
-
 CONFIG, WEIGHTS, MANIFEST = "config.json", "model.safetensors", "MANIFEST.json"
 
 
@@ -30,17 +28,19 @@ class CheckpointError(ValueError):
 
 
 def resolve(name_or_path) -> Path:
-    """The folder of a checkpoint given by bundled name ("shapes-ldm") or path."""
+    """The folder of a checkpoint given by bundled name ("shapes-ldm") or path.
+
+    A bare name is always a bundled checkpoint, even if the working directory has a
+    folder of that name; a folder is given by a path ("./name", "~/x", "/abs").
+    """
+    from sdscratch.loading import bundled, is_path
+
+    if not is_path(name_or_path):
+        return bundled(name_or_path)
     path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path
-    bundled = assets_dir() / "models" / str(name_or_path)
-    if bundled.is_dir():
-        return bundled
-    names = sorted(p.name for p in (assets_dir() / "models").glob("*") if p.is_dir())
-    raise CheckpointError(
-        f"No checkpoint {str(name_or_path)!r}: give a folder or one of {names}."
-    )
+    if not path.is_dir():
+        raise CheckpointError(f"No checkpoint {str(path)!r}: no such folder.")
+    return path
 
 
 def save_component(model: torch.nn.Module, directory, config, dtype=None) -> Path:

@@ -3,7 +3,7 @@
 Rombach et al. 2022 (latent diffusion, §3.3): a text encoder turns the prompt into
 one vector per token; a UNet, cross-attending to those vectors, removes noise from a
 small latent, one sampler step at a time; the autoencoder's decoder turns the final
-latent into pixels. Six steps, as the seed notes list them:
+latent into pixels. Six steps:
 
 1. embed the prompt and the negative prompt (tokenizer + text encoder);
 2. set the sampler's timesteps;
@@ -13,12 +13,14 @@ latent into pixels. Six steps, as the seed notes list them:
 5. decode the latents with the VAE;
 6. show the images.
 
-`StableDiffusion` is called like diffusers' `StableDiffusionPipeline`, so the seed
-notes' `pipe(prompt, guidance_scale=7.5, num_inference_steps=15, generator=g)`
-works here too; it returns a list of PIL images (diffusers: `.images`).
+`StableDiffusion` is called like diffusers' `StableDiffusionPipeline`, so diffusers'
+classic `pipe(prompt, guidance_scale=7.5, num_inference_steps=15, generator=g)`
+works here too; it returns a list of PIL images (diffusers: `.images`). It loads the
+bundled checkpoints, diffusers Stable Diffusion v1.x folders and Hub repositories
+(`from_pretrained`) and CompVis/A1111 single files (`from_single_file`), in float32,
+float16 or bfloat16, and hands its weights back to diffusers (`to_diffusers`).
 """
 
-import json
 import math
 import numbers
 from pathlib import Path
@@ -27,23 +29,26 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from sdscratch.checkpoint import (
-    CheckpointError,
-    load_component,
-    resolve,
-    save_component,
-    verify,
+from sdscratch.checkpoint import save_component
+from sdscratch.loading import (
+    DEFAULT_REPO,
+    SCHEDULER_CONFIG,
+    as_dtype,
+    check_fit,
+    download,
+    locate,
+    read_diffusers_folder,
+    read_our_folder,
+    read_schedule,
+    schedule_from_config,
+    write_schedule,
 )
-from sdscratch.clip import TextEncoder, TextEncoderConfig
 from sdscratch.samplers import noise_levels, sample
-from sdscratch.schedules import DIFFUSERS_NAMES, NoiseSchedule
-from sdscratch.tokenizer import Tokenizer
-from sdscratch.unet import UNet, UNetConfig
-from sdscratch.vae import VAE, VAEConfig
+from sdscratch.schedules import NoiseSchedule
 from sdscratch.viz import from_pil, to_pil
 
+__all__ = ["StableDiffusion", "DEFAULT_REPO", "read_schedule", "write_schedule"]
 OUTPUT_TYPES = ("pil", "pt", "latent")
-SCHEDULER_CONFIG = "scheduler/scheduler_config.json"  # where diffusers keeps it
 
 
 class StableDiffusion:
@@ -66,28 +71,75 @@ class StableDiffusion:
     # Loading and saving
 
     @classmethod
-    def from_pretrained(cls, name_or_path="shapes-ldm", device=None):
-        """Load a checkpoint (bundled name or folder), checked against its manifest.
+    def from_pretrained(
+        cls, name_or_path="shapes-ldm", torch_dtype=None, device=None, variant=None
+    ):
+        """Load a Stable Diffusion: a bundled name, a folder, a file or a Hub repo.
 
-        The folder holds unet/, vae/, text_encoder/ and tokenizer/, like a diffusers
-        Stable Diffusion folder, and a MANIFEST.json with every file's sha256.
+        Args:
+            name_or_path: a bundled name ("shapes-ldm": always the bundled one,
+                checked against its MANIFEST.json); a path to one of our folders
+                (MANIFEST.json), to a diffusers SD v1.x folder (model_index.json)
+                or to a single `.safetensors` file (see `from_single_file`); or a
+                Hub repo id ("owner/name", e.g. DEFAULT_REPO), downloaded once.
+            torch_dtype: torch.float32 (default), torch.float16 or torch.bfloat16.
+            device: where the models go (default: the CPU).
+            variant: "fp16" to read a diffusers folder's `*.fp16.safetensors`.
+        Returns:
+            A `StableDiffusion`; a folder that is incomplete, damaged or not SD v1
+            is refused with one sentence (a `CheckpointError`).
         """
-        root = resolve(name_or_path)
-        verify(root)
-        unet = load_component(root / "unet", UNet, UNetConfig)
-        vae = load_component(root / "vae", VAE, VAEConfig)
-        text_encoder = load_component(
-            root / "text_encoder", TextEncoder, TextEncoderConfig
-        )
-        tokenizer = Tokenizer.from_pretrained(root / "tokenizer")
-        if unet.config.in_channels != vae.config.latent_channels:
-            raise CheckpointError(f"{root}: the UNet does not fit the VAE's latents.")
-        if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
-            raise CheckpointError(f"{root}: the UNet does not fit the text encoder.")
-        if tokenizer.context_length > text_encoder.config.max_position_embeddings:
-            raise CheckpointError(f"{root}: the tokenizer does not fit the encoder.")
-        pipe = cls(unet, vae, text_encoder, tokenizer, read_schedule(root))
-        return pipe.to(device or torch.device("cpu"))
+        dtype = as_dtype(torch_dtype)
+        kind, where = locate(name_or_path)
+        if kind == "single_file":
+            return cls.from_single_file(where, torch_dtype=dtype, device=device)
+        if kind == "hub":
+            kind, where = "diffusers", download(where, variant)
+        if kind == "diffusers":
+            parts = read_diffusers_folder(where, dtype, variant)
+            path = where / SCHEDULER_CONFIG
+            schedule = schedule_from_config(parts.pop("scheduler_config"), path)
+        else:
+            parts, schedule = read_our_folder(where), read_schedule(where)
+        check_fit(where, **parts)
+        return cls(**parts, schedule=schedule).to(device or "cpu", dtype)
+
+    @classmethod
+    def from_single_file(cls, path, torch_dtype=None, device=None, config=None,
+                         extract_ema=False):
+        """Load a CompVis/A1111 single-file checkpoint (`v1-5-pruned-emaonly
+        .safetensors`): see `sdscratch.single_file.read_single_file`.
+
+        Args:
+            path: the `.safetensors` file (pickles: `.ckpt`, `.pt`, are refused).
+            torch_dtype, device: as for `from_pretrained`.
+            config: a folder or repo id giving the configs, tokenizer and scheduler
+                (default: those stored by `save_single_file`, else SD v1.5's).
+            extract_ema: a full checkpoint's EMA weights (`model_ema.`) for the UNet
+                instead of its training weights, as diffusers' `extract_ema`.
+        """
+        from sdscratch.single_file import read_single_file
+
+        dtype = as_dtype(torch_dtype)
+        parts, schedule = read_single_file(path, dtype, config, extract_ema)
+        check_fit(path, **parts)
+        return cls(**parts, schedule=schedule).to(device or "cpu", dtype)
+
+    def save_single_file(self, path, dtype=None) -> Path:
+        """Write the three models into one CompVis-layout `.safetensors` file, with
+        the configs, tokenizer and schedule in its metadata (`from_single_file`
+        reads them back; diffusers' single-file converter reads the weights)."""
+        from sdscratch.single_file import write_single_file
+
+        return write_single_file(self, path, dtype)
+
+    def to_diffusers(self):
+        """A diffusers `StableDiffusionPipeline` holding copies of these weights, a
+        transformers `CLIPTokenizer` of the same vocabulary and a `DDIMScheduler`
+        of the same schedule (no safety checker)."""
+        from sdscratch.export import to_diffusers
+
+        return to_diffusers(self)
 
     def save_pretrained(self, root, dtype=None) -> Path:
         """Write unet/, vae/, text_encoder/, tokenizer/ and the scheduler's config.
@@ -103,14 +155,20 @@ class StableDiffusion:
         write_schedule(root, self.schedule)
         return root
 
-    def to(self, device):
+    def to(self, device=None, dtype=None):
+        """Move the models to a device and/or dtype (float32, float16, bfloat16)."""
+        dtype = None if dtype is None else as_dtype(dtype)
         for model in (self.unet, self.vae, self.text_encoder):
-            model.to(device)
+            model.to(device=device, dtype=dtype)
         return self
 
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
 
     @property
     def latent_shape(self) -> tuple:
@@ -166,7 +224,7 @@ class StableDiffusion:
     def encode_images(self, images: torch.Tensor, generator=None) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/f, W/f): a sample of
         the VAE's posterior, drawn with `generator` (as diffusers' img2img does)."""
-        posterior = self.vae.encode(images.to(self.device))
+        posterior = self.vae.encode(images.to(self.device, self.dtype))
         return posterior.sample(generator) * self.vae.config.scaling_factor
 
     @torch.no_grad()
@@ -290,7 +348,7 @@ class StableDiffusion:
         if images is not None:
             init = _per_image(self.encode_images(images, generator), n, len(context))
             shape = init.shape
-        noise = _randn(shape, generator, self.device)
+        noise = _randn(shape, generator, self.device, self.dtype)
         if init is not None and _steps_run(num_inference_steps, strength) == 0:
             latents = init  # no step to run at this strength: keep the image
         else:
@@ -306,13 +364,14 @@ class StableDiffusion:
                 callback=callback,
                 init=init,
                 strength=strength,
-                mask=_latent_mask(mask, n, len(context), self.vae_scale_factor),
+                mask=_latent_mask(mask, n, len(context), self.vae_scale_factor,
+                                  noise),
                 progress=progress,
             )
         if output_type == "latent":
             return latents
         # 5. decode; inpainting pastes the kept pixels back
-        decoded = self.decode_latents(latents)
+        decoded = self.decode_latents(latents).float()
         if mask is not None:
             images = _per_image(images.to(decoded), n, len(decoded))
             mask = _per_image(mask.to(decoded), n, len(decoded))
@@ -393,10 +452,19 @@ def _steps_run(steps, strength) -> int:
     return min(int(steps * strength), steps)
 
 
-def _randn(shape, generator, device) -> torch.Tensor:
-    """Noise drawn on the generator's device (CPU: the same on every machine)."""
-    where = generator.device if generator is not None else torch.device("cpu")
-    return torch.randn(shape, generator=generator, device=where).to(device)
+def _randn(shape, generator, device, dtype=torch.float32) -> torch.Tensor:
+    """Noise drawn as diffusers' `randn_tensor` draws it: in `dtype`, on the
+    generator's device (a CPU generator: the same noise on every machine)."""
+    device = torch.device(device)
+    where = device
+    if generator is not None and generator.device.type != device.type:
+        if generator.device.type != "cpu":
+            raise ValueError(
+                f"A {generator.device.type} generator cannot make noise for {device}."
+            )
+        where = torch.device("cpu")
+    noise = torch.randn(shape, generator=generator, device=where, dtype=dtype)
+    return noise.to(device)
 
 
 def _as_tensor(value, name) -> torch.Tensor:
@@ -431,49 +499,15 @@ def _mask_tensor(mask, image_shape) -> torch.Tensor:
     return mask.clamp(0, 1)
 
 
-def _latent_mask(mask, n, total, factor):
-    """(B, 1, H, W) pixel mask -> (N, 1, H/f, W/f): a latent cell is repainted as
-    much as the most repainted pixel it covers."""
-    return None if mask is None else _per_image(F.max_pool2d(mask, factor), n, total)
+def _latent_mask(mask, n, total, factor, like):
+    """(B, 1, H, W) pixel mask -> (N, 1, H/f, W/f) with `like`'s device and dtype:
+    a latent cell is repainted as much as the most repainted pixel it covers."""
+    if mask is None:
+        return None
+    return _per_image(F.max_pool2d(mask, factor), n, total).to(like)
 
 
 def _per_image(x, n, total) -> torch.Tensor:
     """One row per image made: (1, ...) -> (total, ...), or (B, ...) -> (B·n, ...),
     each row n times in a row, as the prompts are."""
     return x.expand(total, *x.shape[1:]) if len(x) == 1 else x.repeat_interleave(n, 0)
-
-
-# ----------------------------------------------------------------------------------
-# The scheduler's config: which noise schedule the UNet was trained with
-
-
-def write_schedule(root, schedule: NoiseSchedule):
-    """Write scheduler/scheduler_config.json, as diffusers' DDIMScheduler reads it."""
-    path = Path(root) / SCHEDULER_CONFIG
-    path.parent.mkdir(parents=True, exist_ok=True)
-    config = {
-        "_class_name": "DDIMScheduler",
-        **schedule.diffusers_config(),
-        "clip_sample": False,
-        "set_alpha_to_one": False,
-        "steps_offset": 1,
-    }
-    path.write_text(json.dumps(config, indent=2) + "\n")
-
-
-def read_schedule(root) -> NoiseSchedule:
-    """The noise schedule of a checkpoint (SD v1's scaled_linear if none is saved)."""
-    path = Path(root) / SCHEDULER_CONFIG
-    if not path.is_file():
-        return NoiseSchedule.scaled_linear()
-    try:
-        config = json.loads(path.read_text())
-        names = {diffusers: ours for ours, diffusers in DIFFUSERS_NAMES.items()}
-        name, size = names[config["beta_schedule"]], config["num_train_timesteps"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise CheckpointError(f"{path} is not a scheduler config sdscratch reads.")
-    if name == "cosine":
-        return NoiseSchedule.cosine(size)
-    return NoiseSchedule.from_name(
-        name, size, beta_start=config["beta_start"], beta_end=config["beta_end"]
-    )

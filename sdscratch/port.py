@@ -6,34 +6,53 @@ from the reference's config and loads the renamed weights strictly (every tensor
 used, none missing). Equal outputs then prove the architectures are the same.
 """
 
-import re
-
 import torch
 
 # ---------------------------------------------------------------------------------
 # The autoencoder: diffusers' AutoencoderKL -> sdscratch.vae.VAE
 # ---------------------------------------------------------------------------------
 
-# diffusers name (regex)            -> ours. Everything else is named alike.
-VAE_RENAMES = [
-    (r"\.downsamplers\.0\.", ".downsample."),
-    (r"\.upsamplers\.0\.", ".upsample."),
-    (r"\.mid_block\.resnets\.0\.", ".mid.resnet_1."),
-    (r"\.mid_block\.attentions\.0\.", ".mid.attention."),
-    (r"\.mid_block\.resnets\.1\.", ".mid.resnet_2."),
-    (r"\.to_out\.0\.", ".to_out."),
-    (r"\.conv_norm_out\.", ".norm_out."),
-]
+VAE_RENAMES = {  # diffusers name (whole dotted parts): sdscratch name
+    "downsamplers.0": "downsample",  # diffusers: a list holding one module
+    "upsamplers.0": "upsample",
+    "mid_block.resnets.0": "mid.resnet_1",  # diffusers: lists [resnet, resnet] and
+    "mid_block.attentions.0": "mid.attention",  # [attention]; ours: named parts
+    "mid_block.resnets.1": "mid.resnet_2",
+    "to_out.0": "to_out",  # diffusers: a list [Linear, Dropout]
+    "conv_norm_out": "norm_out",
+}
+
+
+# AutoencoderKL's defaults for what older config.json files leave out (SD v1.5's,
+# written by diffusers 0.6, has no scaling_factor).
+VAE_DEFAULTS = {"in_channels": 3, "out_channels": 3, "latent_channels": 4,
+                "layers_per_block": 1, "norm_num_groups": 32, "scaling_factor": 0.18215}
+
+
+def rename_parts(name: str, table: dict, reverse=False) -> str:
+    """Rename whole dotted parts of a parameter name by `table` (old: new).
+
+    "mid_block.attentions.0.to_out.0.weight" -> "mid.attention.to_out.weight";
+    `reverse=True` goes back (new: old). "to_out.0" never matches "to_out.01".
+    """
+    pairs = [(new, old) if reverse else (old, new) for old, new in table.items()]
+    name = f".{name}."
+    for old, new in pairs:
+        name = name.replace(f".{old}.", f".{new}.")
+    return name[1:-1]
 
 
 def vae_config_from_diffusers(config):
-    """Our `VAEConfig` from an `AutoencoderKL.config`; refuse what we do not build."""
+    """Our `VAEConfig` from an `AutoencoderKL.config` (or its config.json as a dict);
+    refuse what we do not build."""
     from sdscratch.vae import VAEConfig
 
+    config = VAE_DEFAULTS | dict(config)
+    levels = len(config["block_out_channels"])
     expected = {
         "act_fn": "silu",
-        "down_block_types": ("DownEncoderBlock2D",) * len(config.block_out_channels),
-        "up_block_types": ("UpDecoderBlock2D",) * len(config.block_out_channels),
+        "down_block_types": ("DownEncoderBlock2D",) * levels,
+        "up_block_types": ("UpDecoderBlock2D",) * levels,
         "mid_block_add_attention": True,
         "use_quant_conv": True,
         "use_post_quant_conv": True,
@@ -42,27 +61,26 @@ def vae_config_from_diffusers(config):
         got = config.get(key, value)
         if (tuple(got) if isinstance(got, list) else got) != value:
             raise ValueError(f"AutoencoderKL with {key}={got!r} is not SD's layout.")
-    if config.in_channels != config.out_channels:
+    if config["in_channels"] != config["out_channels"]:
         raise ValueError("AutoencoderKL with in_channels != out_channels is not SD's.")
     return VAEConfig(
-        in_channels=config.in_channels,
-        latent_channels=config.latent_channels,
-        block_out_channels=tuple(config.block_out_channels),
-        layers_per_block=config.layers_per_block,
-        norm_num_groups=config.norm_num_groups,
-        scaling_factor=config.scaling_factor,
+        in_channels=config["in_channels"],
+        latent_channels=config["latent_channels"],
+        block_out_channels=tuple(config["block_out_channels"]),
+        layers_per_block=config["layers_per_block"],
+        norm_num_groups=config["norm_num_groups"],
+        scaling_factor=config["scaling_factor"],
     )
 
 
 def vae_state_dict_from_diffusers(state: dict) -> dict:
     """Rename an `AutoencoderKL` state dict into `VAE`'s names (tensors shared)."""
-    renamed = {}
-    for name, tensor in state.items():
-        ours = "." + name
-        for pattern, replacement in VAE_RENAMES:
-            ours = re.sub(pattern, replacement, ours)
-        renamed[ours[1:]] = tensor
-    return renamed
+    return {rename_parts(name, VAE_RENAMES): tensor for name, tensor in state.items()}
+
+
+def vae_state_dict_to_diffusers(state: dict) -> dict:
+    """`VAE`'s state dict in `AutoencoderKL`'s names (tensors shared)."""
+    return {rename_parts(k, VAE_RENAMES, reverse=True): v for k, v in state.items()}
 
 
 def vae_from_diffusers(model):
@@ -96,7 +114,8 @@ TEXT_ENCODER_RENAMES = {  # transformers name (prefix): sdscratch name
 
 
 def text_encoder_config_from_transformers(config, projection=False):
-    """Our `TextEncoderConfig` from a transformers `CLIPTextConfig`.
+    """Our `TextEncoderConfig` from a transformers `CLIPTextConfig` (or its
+    config.json as a dict).
 
     Args:
         config: the reference's config.
@@ -104,24 +123,34 @@ def text_encoder_config_from_transformers(config, projection=False):
     """
     from sdscratch.clip import ACTIVATIONS, TextEncoderConfig
 
-    if config.hidden_act not in ACTIVATIONS:
-        act = config.hidden_act
+    config = config if isinstance(config, dict) else config.to_dict()
+    if config["hidden_act"] not in ACTIVATIONS:
+        act = config["hidden_act"]
         raise ValueError(f"sdscratch cannot port a text encoder with {act}.")
     # transformers configs from before its PR #24773 (SD v1.5's among them) say
     # eos_token_id=2, which transformers reads as "pool at the highest id".
-    eos = None if config.eos_token_id == 2 else config.eos_token_id
+    eos = config.get("eos_token_id", 2)
+    fields = ("vocab_size", "max_position_embeddings", "hidden_size",
+              "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "hidden_act", "layer_norm_eps")  # fmt: skip
     return TextEncoderConfig(
-        vocab_size=config.vocab_size,
-        max_position_embeddings=config.max_position_embeddings,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        hidden_act=config.hidden_act,
-        layer_norm_eps=config.layer_norm_eps,
-        eos_token_id=eos,
-        projection_dim=config.projection_dim if projection else 0,
+        **{field: config[field] for field in fields},
+        eos_token_id=None if eos == 2 else eos,
+        projection_dim=config["projection_dim"] if projection else 0,
     )
+
+
+def text_encoder_state_dict_from_transformers(state: dict) -> dict:
+    """Rename a `CLIPTextModel` state dict (nested in `text_model.` or flat) into
+    `TextEncoder`'s names; the `position_ids` buffer is dropped (tensors shared)."""
+    renamed = {}
+    for key, value in state.items():
+        if key.endswith("position_ids"):
+            continue
+        for old, new in TEXT_ENCODER_RENAMES.items():
+            key = new + key.removeprefix(old) if key.startswith(old) else key
+        renamed[key] = value
+    return renamed
 
 
 def text_encoder_from_transformers(model):
@@ -140,13 +169,8 @@ def text_encoder_from_transformers(model):
     config = text_encoder_config_from_transformers(model.config, projection)
     with torch.device("meta"):
         text_encoder = TextEncoder(config)
-    state = {}
-    for key, value in model.state_dict().items():
-        if key.endswith("position_ids"):
-            continue
-        for old, new in TEXT_ENCODER_RENAMES.items():
-            key = new + key.removeprefix(old) if key.startswith(old) else key
-        state[key] = value.clone()  # a copy, not a view of the reference's weights
+    state = text_encoder_state_dict_from_transformers(model.state_dict())
+    state = {key: value.clone() for key, value in state.items()}  # a copy, not a view
     text_encoder.load_state_dict(state, strict=True, assign=True)
     return text_encoder.to(parameter.device, parameter.dtype).eval()
 
@@ -233,13 +257,12 @@ def unet_state_dict_from_diffusers(state: dict) -> dict:
 
     Renames whole dotted parts: "attn1.to_out.0.weight" -> "attn1.to_out.weight".
     """
-    renamed = {}
-    for name, tensor in state.items():
-        ours = f".{name}."
-        for old, new in UNET_RENAMES.items():
-            ours = ours.replace(f".{old}.", f".{new}.")
-        renamed[ours[1:-1]] = tensor
-    return renamed
+    return {rename_parts(name, UNET_RENAMES): tensor for name, tensor in state.items()}
+
+
+def unet_state_dict_to_diffusers(state: dict) -> dict:
+    """`UNet`'s state dict in `UNet2DConditionModel`'s names (tensors shared)."""
+    return {rename_parts(k, UNET_RENAMES, reverse=True): v for k, v in state.items()}
 
 
 def unet_from_diffusers(model):

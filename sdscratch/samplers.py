@@ -83,8 +83,8 @@ class NoiseLevels:
 def noise_levels(sampler="ddim", steps=20, schedule=None, karras=False) -> NoiseLevels:
     """The timesteps and σ's `sampler` visits in `steps` steps.
 
-    ddpm and ddim take every (T // steps)-th timestep counted from 1 ("leading"
-    spacing with steps_offset=1, Stable Diffusion v1's setting); euler and dpmpp_2m
+    ddpm and ddim take every (T // steps)-th timestep counted from the schedule's
+    steps_offset ("leading" spacing; SD v1: steps_offset=1); euler and dpmpp_2m
     spread theirs evenly over [0, T - 1] ("linspace"), and with `karras=True` space
     the σ's as Karras et al. 2022, eq. 5, instead. All as diffusers' schedulers.
 
@@ -99,10 +99,11 @@ def noise_levels(sampler="ddim", steps=20, schedule=None, karras=False) -> Noise
     abar = schedule.alphas_cumprod  # (T,)
     if sampler in ("ddpm", "ddim"):
         stride = schedule.num_train_timesteps // steps
-        timesteps = (torch.arange(steps) * stride + 1).flip(0)  # (N,)
-        # After the last step: ᾱ = 1 (clean) for ddpm, ᾱ_0 for ddim (set_alpha_to_one
-        # False in SD v1's config).
-        final = torch.ones(1) if sampler == "ddpm" else abar[:1]
+        timesteps = (torch.arange(steps) * stride + schedule.steps_offset).flip(0)
+        # After the last step: ᾱ = 1 (clean) for ddpm, ᾱ_0 for ddim unless
+        # set_alpha_to_one (False in SD v1's config).
+        clean = sampler == "ddpm" or schedule.set_alpha_to_one
+        final = torch.ones(1) if clean else abar[:1]
         levels = torch.cat([abar[timesteps], final])  # (N + 1,)
         return NoiseLevels(sampler, timesteps, ((1 - levels) / levels) ** 0.5, levels)
     timesteps, sigmas = _sigma_timesteps(sampler, steps, schedule, karras)
@@ -169,9 +170,11 @@ def _check(sampler, steps, schedule, karras):
     size = schedule.num_train_timesteps
     if steps < 1 or steps > size:
         raise ValueError(f"steps must be between 1 and {size}, got {steps}.")
-    if sampler in ("ddpm", "ddim") and steps == size:
+    offset = schedule.steps_offset
+    if sampler in ("ddpm", "ddim") and (steps - 1) * (size // steps) + offset >= size:
         raise ValueError(
-            f"{sampler} takes at most {size - 1} steps: its timesteps start at 1."
+            f"{sampler} takes at most {size - offset} steps: its timesteps start at "
+            f"{offset}."
         )
     if karras and sampler not in SIGMA_SAMPLERS:
         raise ValueError(f"Karras sigmas need one of {SIGMA_SAMPLERS}, not {sampler}.")

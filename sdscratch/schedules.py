@@ -29,7 +29,15 @@ class NoiseSchedule:
         betas: (T,) β_1 … β_T, float32.
         name: "linear", "scaled_linear" or "cosine".
         beta_start, beta_end: the schedule's end points (ignored by "cosine").
+
+    Two settings of diffusers' schedulers travel with the schedule (SD v1's values
+    by default): `steps_offset`, added to ddpm's and ddim's timesteps (1: they run
+    981, 961, …, 1 in 50 steps, not 980, …, 0), and `set_alpha_to_one`, whether
+    ddim's last step ends at ᾱ = 1 (True) or at ᾱ_0 (False).
     """
+
+    steps_offset = 1
+    set_alpha_to_one = False
 
     def __init__(self, betas, name, beta_start=0.0001, beta_end=0.02):
         self.name = name

@@ -198,18 +198,14 @@ class Tokenizer:
         """Read vocab.json and merges.txt (and tokenizer_config.json, if present).
 
         Args:
-            name_or_path: a folder with those files, or a checkpoint (bundled name
-                such as "shapes-clip", or folder) with a tokenizer/ sub-folder.
+            name_or_path: a folder with those files (or transformers' single
+                tokenizer.json instead), or a checkpoint (bundled name such as
+                "shapes-clip", or folder) with a tokenizer/ sub-folder.
         """
         folder = resolve(name_or_path)
         if (folder / "tokenizer").is_dir():
             folder = folder / "tokenizer"
-        if not all((folder / name).is_file() for name in ("vocab.json", "merges.txt")):
-            raise CheckpointError(f"{folder} holds no vocab.json and merges.txt.")
-        vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
-        lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
-        lines = [line for line in lines if line and not line.startswith("#version")]
-        merges = [line.split(" ") for line in lines]
+        vocab, merges = _read_vocabulary(folder)
         config_path = folder / "tokenizer_config.json"
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
         return cls(
@@ -239,6 +235,26 @@ class Tokenizer:
         config = json.dumps(config, indent=2) + "\n"
         (folder / "tokenizer_config.json").write_text(config)
         return folder
+
+
+def _read_vocabulary(folder: Path) -> tuple[dict, list]:
+    """(vocab, merges) from vocab.json + merges.txt (CLIP's files, SD v1.5's) or
+    from the BPE model in tokenizer.json (what transformers 5 saves)."""
+    if all((folder / name).is_file() for name in ("vocab.json", "merges.txt")):
+        vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+        lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+        lines = [line for line in lines if line and not line.startswith("#version")]
+        return vocab, [line.split(" ") for line in lines]
+    if (folder / "tokenizer.json").is_file():
+        try:
+            text = (folder / "tokenizer.json").read_text(encoding="utf-8")
+            model = json.loads(text)["model"]
+            merges = [m.split(" ") if isinstance(m, str) else m
+                      for m in model["merges"]]  # fmt: skip
+            return model["vocab"], merges
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise CheckpointError(f"{folder}/tokenizer.json is not a BPE tokenizer.")
+    raise CheckpointError(f"{folder} holds no vocab.json and merges.txt.")
 
 
 def _content(token) -> str:
