@@ -558,3 +558,29 @@ def test_every_task_runs_in_bfloat16(task):
     else:
         latents = pipe("a red circle", sampler=task, karras=task == "dpmpp_2m", **run)
     assert latents.dtype == torch.bfloat16 and latents.isfinite().all()
+
+
+@pytest.mark.parametrize("variant", [None, "fp16"])
+def test_repo_id_downloads_only_what_sd_needs(folder, monkeypatch, variant):
+    """A repo id goes through huggingface_hub's snapshot_download (replaced here by
+    the tiny folder): safetensors weights of the asked variant, configs, tokenizer."""
+    import huggingface_hub
+
+    asked = {}
+
+    def snapshot_download(repo_id, allow_patterns):
+        asked.update(repo_id=repo_id, patterns=allow_patterns)
+        return str(folder if variant is None else folder.parent / "tiny-sd-fp16")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    pipe = StableDiffusion.from_pretrained("someone/tiny-sd", variant=variant)
+    assert asked["repo_id"] == "someone/tiny-sd"
+    weights = [p for p in asked["patterns"] if p.endswith(".safetensors")]
+    suffix = ".fp16.safetensors" if variant else ".safetensors"
+    assert sorted(weights) == sorted([
+        f"unet/diffusion_pytorch_model{suffix}", f"vae/diffusion_pytorch_model{suffix}",
+        f"text_encoder/model{suffix}",
+    ])  # fmt: skip
+    assert all(p.endswith((".json", ".txt", ".safetensors")) for p in asked["patterns"])
+    assert pipe.unet.config.block_out_channels == (32, 32, 64, 64)
