@@ -38,6 +38,7 @@ from sdscratch.exercises.networks import (
     check_reparameterize,
     check_resblock,
     check_timestep_embedding,
+    reference_matrix_sqrt,
 )
 
 __all__ = [
@@ -68,6 +69,7 @@ REFERENCES = {
     "diffusion_loss": (reference_diffusion_loss, check_diffusion_loss),
     "ddpm_step": (reference_ddpm_step, check_ddpm_step),
     "ddim_step": (reference_ddim_step, check_ddim_step),
+    "matrix_sqrt": (reference_matrix_sqrt, check_matrix_sqrt),
 }
 
 

@@ -198,6 +198,13 @@ def check_kl(fn) -> None:
     return check("kl", (case() for _ in range(3)))
 
 
+def reference_matrix_sqrt(matrix):
+    """The solution of the `matrix_sqrt` exercise: V Λ^½ Vᵀ."""
+    eigenvalues, eigenvectors = torch.linalg.eigh(matrix)
+    roots = eigenvalues.clamp(min=0).sqrt()  # rounding can make 0 slightly negative
+    return eigenvectors @ torch.diag(roots) @ eigenvectors.T
+
+
 def check_matrix_sqrt(fn) -> None:
     """`fn(matrix) -> root`: the symmetric square root of a (D, D) symmetric
     positive semi-definite matrix (root @ root = matrix), as FID needs it;
