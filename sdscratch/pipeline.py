@@ -29,6 +29,7 @@ from PIL import Image
 
 from sdscratch.checkpoint import (
     CheckpointError,
+    check_scheduler_config,
     load_component,
     resolve,
     save_component,
@@ -309,6 +310,11 @@ class StableDiffusion:
                 mask=_latent_mask(mask, n, len(context), self.vae_scale_factor),
                 progress=progress,
             )
+        if not torch.isfinite(latents).all():
+            raise ValueError(
+                "Sampling produced non-finite latents (inf or NaN); lower "
+                f"guidance_scale (got {guidance_scale!r}) or check the model."
+            )
         if output_type == "latent":
             return latents
         # 5. decode; inpainting pastes the kept pixels back
@@ -468,6 +474,7 @@ def read_schedule(root) -> NoiseSchedule:
         return NoiseSchedule.scaled_linear()
     try:
         config = json.loads(path.read_text())
+        check_scheduler_config(config, path)
         names = {diffusers: ours for ours, diffusers in DIFFUSERS_NAMES.items()}
         name, size = names[config["beta_schedule"]], config["num_train_timesteps"]
     except (json.JSONDecodeError, KeyError, TypeError):
