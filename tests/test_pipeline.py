@@ -162,9 +162,10 @@ def test_img2img_equals_diffusers(pipe, references):
     assert (as_pixels(ours) - expected).abs().max() <= TOLERANCE
 
 
-def inpaint_both(pipe, references, prompts, mask, seed, **options):
+def inpaint_both(pipe, references, prompts, mask, seed, their_mask=None, **options):
     """Final latents of our inpaint and of diffusers' StableDiffusionInpaintPipeline
-    (4-channel UNet) on a Shapes image, and the first latents each UNet saw."""
+    (4-channel UNet; given `their_mask` if not None) on a Shapes image, and the
+    first latents each UNet saw."""
     image = Shapes("val", size=SIZE)[4][0][None]  # (1, 3, 16, 16) in [-1, 1]
     reference = reference_pipeline(references, cls=StableDiffusionInpaintPipeline)
     first = []  # ours, then diffusers': the first latents (the UNet's input's half)
@@ -181,7 +182,8 @@ def inpaint_both(pipe, references, prompts, mask, seed, **options):
     try:
         ours = pipe.inpaint(prompts, image, mask, output_type="latent",
                             generator=torch.Generator().manual_seed(seed), **options)
-        theirs = reference(prompts, image=as_pixels(image), mask_image=mask,
+        their_mask = mask if their_mask is None else their_mask
+        theirs = reference(prompts, image=as_pixels(image), mask_image=their_mask,
                            height=SIZE, width=SIZE, output_type="latent",
                            generator=torch.Generator().manual_seed(seed),
                            **options).images  # fmt: skip
@@ -241,9 +243,9 @@ def test_inpainting_mask_cells_are_the_max_of_their_pixels_not_nearest(
     widened = torch.nn.functional.max_pool2d(mask, 4).repeat_interleave(4, -1)
     widened = widened.repeat_interleave(4, -2)  # (1, 1, 16, 16), whole cells
     options = dict(strength=0.7, num_inference_steps=6, guidance_scale=5.0)
-    ours, theirs, _, _ = inpaint_both(pipe, references, PROMPTS[0], widened, 5,
-                                      **options)  # fmt: skip
-    assert (ours - theirs).abs().max() <= 1e-4  # whole cells: the same
+    ours, theirs, _, _ = inpaint_both(pipe, references, PROMPTS[0], mask, 5,
+                                      their_mask=widened, **options)  # fmt: skip
+    assert (ours - theirs).abs().max() <= 1e-4  # theirs given whole cells: the same
     ours, theirs, _, _ = inpaint_both(pipe, references, PROMPTS[0], mask, 5,
                                       **options)  # fmt: skip
     assert (ours - theirs).abs().max() > 0.01
