@@ -49,6 +49,9 @@ def seed(text):
     return value
 
 
+IMAGE_SIZE_FACTOR = 8  # --init-image and --mask: at most 8× the model's image side
+
+
 def cmd_generate(args):
     """Text-to-image (or img2img, inpainting) with a checkpoint; write one PNG."""
     import torch
@@ -56,8 +59,8 @@ def cmd_generate(args):
     from sdscratch.pipeline import StableDiffusion
     from sdscratch.viz import make_grid, to_pil
 
-    out = output_path(args)  # before the slow part: fail early
-    image, mask = read_image(args.init_image, "RGB"), read_image(args.mask, "L")
+    out, image_format = output_path(args)  # before the slow part: fail early
+    image, mask = open_image(args.init_image), open_image(args.mask)
     if mask is not None and image is None:
         raise ValueError("--mask needs --init-image, the image to repaint.")
     if args.strength is not None and image is None:
@@ -65,6 +68,9 @@ def cmd_generate(args):
     pipe = StableDiffusion.from_pretrained(
         args.model, torch_dtype=args.dtype, device=pick_device(args.device)
     )
+    side = pipe.latent_shape[-1] * pipe.vae_scale_factor * IMAGE_SIZE_FACTOR
+    image = decode_image(image, args.init_image, "RGB", side)
+    mask = decode_image(mask, args.mask, "L", side)
     options = dict(
         negative_prompt=args.negative_prompt,
         num_inference_steps=args.steps,
@@ -84,7 +90,7 @@ def cmd_generate(args):
     else:
         images = pipe(args.prompt, **options)
     picture = make_grid(images, pad=2) if len(images) > 1 else images[0]
-    to_pil(picture[None])[0].save(out)
+    publish(to_pil(picture[None])[0], out, image_format, args.force)
     print(out)
 
 
@@ -101,8 +107,9 @@ def pick_device(name):
     return torch.device(name)
 
 
-def output_path(args) -> Path:
-    """Where `generate` writes: checked to be writable and not to overwrite."""
+def output_path(args) -> tuple[Path, str]:
+    """Where `generate` writes, and PIL's format for it: checked to be writable
+    and not to overwrite (nor write through a symlink to nothing)."""
     if args.output is None:
         slug = re.sub(r"[^a-z0-9]+", "-", args.prompt.lower()).strip("-")[:60]
         args.output = f"{slug or 'image'}-{args.seed}.png"
@@ -111,8 +118,14 @@ def output_path(args) -> Path:
 
     if out.is_dir():
         raise ValueError(f"Cannot write {out}: it is a folder.")
-    if out.suffix.lower() not in Image.registered_extensions():
-        raise ValueError(f"Cannot write {out}: give a file name ending in .png.")
+    image_format = Image.registered_extensions().get(out.suffix.lower())
+    if image_format not in Image.SAVE:  # e.g. .psd: PIL reads it but cannot write it
+        kind = f"{out.suffix} files" if out.suffix else "files without a suffix"
+        raise ValueError(
+            f"Cannot write {out}: PIL cannot write {kind}; give a name ending in .png."
+        )
+    if out.is_symlink() and not out.exists():
+        raise ValueError(f"Cannot write {out}: it is a symlink to nothing.")
     if out.exists() and not args.force:
         raise ValueError(f"{out} exists already; pass --force to overwrite it.")
     folder = out.parent
@@ -120,21 +133,85 @@ def output_path(args) -> Path:
         raise ValueError(f"Cannot write {out}: the folder {folder} does not exist.")
     if not os.access(folder, os.W_OK):
         raise ValueError(f"Cannot write {out}: the folder {folder} is not writable.")
-    return out
+    return out, image_format
 
 
-def read_image(path, mode):
-    """A PIL image from a file (None for no file), or one clear error."""
+def publish(picture, out: Path, image_format: str, force: bool):
+    """Write a PIL image to a temporary file beside `out`, then move it into place:
+    a reader never sees half a file, and without `force` a file that appeared at
+    `out` while generating is kept (os.link refuses to replace it)."""
+    import secrets
+
+    temporary = out.parent / f".{out.name}.{secrets.token_hex(4)}.partial"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    handle = os.open(temporary, flags, 0o666)  # the umask applies, as to open()
+    try:
+        with os.fdopen(handle, "wb") as file:
+            picture.save(file, format=image_format)
+        if force:
+            os.replace(temporary, out)  # replaces a symlink itself, not its target
+            return
+        try:
+            _link(temporary, out)
+        except FileExistsError:
+            raise ValueError(
+                f"{out} appeared while generating; pass --force to overwrite it."
+            ) from None
+    finally:
+        if os.path.lexists(temporary):
+            os.unlink(temporary)
+
+
+def _link(temporary: Path, out: Path):
+    """Give `temporary`'s content the name `out` unless `out` exists
+    (FileExistsError): a hard link, or an exclusive copy where there are none."""
+    try:
+        os.link(temporary, out)
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links (FAT, some network shares)
+        with open(out, "xb") as file:
+            file.write(temporary.read_bytes())
+
+
+def open_image(path):
+    """An image file, opened but not decoded (PIL reads the header only), or
+    None for no file; one clear error if it is not an image."""
     if path is None:
         return None
     from PIL import Image
 
     try:
-        with Image.open(path) as image:
-            return image.convert(mode)
+        with warnings.catch_warnings():  # decode_image checks the size
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(path)
+    except Image.DecompressionBombError:
+        limit = 2 * Image.MAX_IMAGE_PIXELS  # PIL refuses to open more
+        raise ValueError(
+            f"Cannot read {path}: it has more than {limit:,} pixels."
+        ) from None
     except OSError as error:  # also PIL's "cannot identify image file"
         reason = getattr(error, "strerror", None) or "not an image PIL can read"
         raise ValueError(f"Cannot read {path}: {reason}.") from None
+
+
+def decode_image(image, path, mode, side):
+    """The pixels of an opened image in `mode`, refused before decoding if it is
+    larger than side × side (8× the model's image side, so memory stays bounded)."""
+    if image is None:
+        return None
+    width, height = image.size
+    if width > side or height > side:
+        image.close()
+        raise ValueError(
+            f"{path} is {width}×{height} pixels; this model takes at most "
+            f"{side}×{side} ({IMAGE_SIZE_FACTOR}× its image size): scale it down."
+        )
+    try:
+        with image:
+            return image.convert(mode)
+    except OSError as error:  # a damaged or truncated file
+        raise ValueError(f"Cannot read {path}: {error}.") from None
 
 
 def add_generate_command(commands):
@@ -161,7 +238,8 @@ def add_generate_command(commands):
     generate.add_argument("-o", "--output",
                           help="PNG to write (default: from the prompt and seed)")
     generate.add_argument("--force", action="store_true",
-                          help="overwrite the output if it exists")
+                          help="replace the output if it exists (or appears while "
+                          "generating)")
     generate.add_argument("--model", default="shapes-ldm",
                           help="a bundled name, a folder (ours or a diffusers SD "
                           "v1.x one), a .safetensors single file or a Hub repo id "
@@ -172,18 +250,24 @@ def add_generate_command(commands):
     generate.add_argument("--device", choices=("cpu", "cuda", "mps"),
                           help="where to run (default: cpu)")
     generate.add_argument("--init-image",
-                          help="img2img: start from this image instead of noise")
+                          help="img2img: start from this image instead of noise; "
+                          "used at its own size, which must be at most 8× the "
+                          "model's image size (256×256 for shapes-ldm) with sides "
+                          "divisible by the VAE's factor (4 for shapes-ldm)")
     generate.add_argument("--strength", type=fraction,
                           help="img2img: how much to change it, 0 to 1 (default: 0.8)")
     generate.add_argument("--mask",
-                          help="inpainting: white where --init-image is repainted")
+                          help="inpainting: white where --init-image is repainted "
+                          "(the same size)")
     generate.set_defaults(func=cmd_generate)
 
 
 def cmd_train(args):
     from sdscratch.recipes import run_recipe
 
-    manifest = run_recipe(args.recipe, out=args.out, seed=args.seed, steps=args.steps)
+    manifest = run_recipe(
+        args.recipe, out=args.out, seed=args.seed, steps=args.steps, force=args.force
+    )
     print(f"trained in {manifest['wall_time_seconds']:.0f} s: {manifest['quality']}")
 
 
@@ -277,11 +361,20 @@ def build_parser() -> Parser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     add_generate_command(commands)
-    train = commands.add_parser("train", help="run a recipe that makes a checkpoint")
+    train = commands.add_parser(
+        "train",
+        help="run a recipe that makes a checkpoint",
+        description="Run the recipe that made a bundled checkpoint. It writes a new "
+        "folder (default: trained/<model>, e.g. trained/shapes-ldm, in the current "
+        "folder), never the bundled copy unless --out names it and --force is given; "
+        "the folder appears only when the run has finished.",
+    )
     train.add_argument("recipe", help="which model to train, e.g. vae or ldm")
     train.add_argument("--seed", type=int, default=0, help="seed of every random draw")
     train.add_argument("--steps", type=positive_int, help="override the training steps")
-    train.add_argument("--out", help="output folder (default: the bundled one)")
+    train.add_argument("--out", help="output folder (default: trained/<model>)")
+    train.add_argument("--force", action="store_true",
+                       help="replace --out if it holds files (when the run ends)")
     train.set_defaults(func=cmd_train)
     add_evaluate_command(commands)
     add_book_commands(commands)

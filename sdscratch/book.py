@@ -16,9 +16,8 @@ import shutil
 import subprocess
 import sysconfig
 import time
-from pathlib import Path
-
 import tomllib
+from pathlib import Path
 
 from sdscratch.pages import COLAB_BADGE, KAGGLE_BADGE, lesson_page
 
@@ -84,18 +83,26 @@ def header_markdown(
 
 
 def setup_code(book: dict) -> str:
-    """The second cell of every lesson: install sdscratch on Colab/Kaggle only."""
+    """The second cell of every lesson: on Colab/Kaggle only, install the release
+    tag v<__version__> of sdscratch (never a moving branch) with what the lessons
+    import; offline, one sentence instead of pip's traceback."""
+    from sdscratch import __version__
+
+    url = f"git+https://github.com/{repository(book)}@v{__version__}"
     return (
-        "# On Colab or Kaggle, install sdscratch (with its bundled checkpoints);\n"
-        "# locally, `make lab` has installed it already and this cell does nothing.\n"
+        f"# On Colab or Kaggle, install sdscratch {__version__} (with its bundled\n"
+        "# checkpoints); locally, `make lab` has installed it and this does nothing.\n"
         "import os\n"
         "import subprocess\n"
         "import sys\n"
         "\n"
         'if "google.colab" in sys.modules or "KAGGLE_KERNEL_RUN_TYPE" in os.environ:\n'
-        '    subprocess.run([sys.executable, "-m", "pip", "install", "-q",\n'
-        f'                    "sdscratch @ git+https://github.com/{repository(book)}"],\n'
-        "                   check=True)"
+        f'    url = "{url}"\n'
+        '    pip = [sys.executable, "-m", "pip", "install", "-q",\n'
+        '           f"sdscratch[lessons] @ {url}"]\n'
+        "    if subprocess.run(pip, capture_output=True).returncode != 0:\n"
+        '        print(f"Could not install sdscratch from {url}: is the notebook "\n'
+        '              "offline? Turn its internet on, then run this cell again.")'
     )
 
 

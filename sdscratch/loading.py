@@ -24,7 +24,13 @@ from pathlib import Path
 import torch
 
 from sdscratch import assets_dir, port
-from sdscratch.checkpoint import MANIFEST, CheckpointError, load_component, verify
+from sdscratch.checkpoint import (
+    MANIFEST,
+    CheckpointError,
+    check_scheduler_config,
+    load_component,
+    verify,
+)
 from sdscratch.tensorfile import DamagedFile, read_header, read_tensors
 
 DEFAULT_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the real SD v1.5
@@ -467,6 +473,7 @@ def schedule_from_config(config: dict, path="scheduler_config.json"):
     set_alpha_to_one; settings our samplers do not follow are refused."""
     from sdscratch.schedules import DIFFUSERS_NAMES, NoiseSchedule
 
+    check_scheduler_config(config, path)  # the keys a schedule needs, well typed
     for key, value, meaning in UNSUPPORTED:
         if config.get(key, value) not in (value, None if value is False else value):
             raise CheckpointError(

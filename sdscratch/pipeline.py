@@ -368,6 +368,11 @@ class StableDiffusion:
                                   noise),
                 progress=progress,
             )
+        if not torch.isfinite(latents).all():
+            raise ValueError(
+                "Sampling produced non-finite latents (inf or NaN); lower "
+                f"guidance_scale (got {guidance_scale!r}) or check the model."
+            )
         if output_type == "latent":
             return latents
         # 5. decode; inpainting pastes the kept pixels back

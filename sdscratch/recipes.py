@@ -12,12 +12,13 @@ import contextlib
 import os
 import random
 import shlex
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from sdscratch import assets_dir
 from sdscratch.checkpoint import resolve, write_manifest
 
 RECIPES = {}
@@ -33,14 +34,23 @@ def recipe(name, default_out=None):
     return register
 
 
-def run_recipe(name, out=None, seed=0, steps=None) -> dict:
+TRAINED = Path("trained")  # where `train` writes by default: trained/<folder>
+
+
+def run_recipe(name, out=None, seed=0, steps=None, force=False) -> dict:
     """Run a registered recipe, then write MANIFEST.json; return the manifest.
+
+    The recipe writes into a new hidden folder beside `out`, which takes its place
+    only when the run has finished: an interrupted or failed run leaves `out` as it
+    was. A bundled checkpoint is replaced only if `out` names it and `force` is set.
 
     Args:
         name: the recipe's name, as in `python -m sdscratch train NAME`.
-        out: output folder (default: assets/models/<the recipe's folder>).
+        out: output folder (default: trained/<the recipe's folder>, in the current
+            folder); it must not exist, or be empty, unless `force`.
         seed: seeds every random draw of the recipe.
         steps: override the recipe's number of steps (short runs, tests).
+        force: replace `out` if it holds anything.
     """
     if name not in RECIPES:
         raise ValueError(f"Unknown recipe {name!r}; choose one of {sorted(RECIPES)}.")
@@ -48,12 +58,52 @@ def run_recipe(name, out=None, seed=0, steps=None) -> dict:
     command = ["python", "-m", "sdscratch", "train", name, "--seed", str(seed)]
     command += ["--steps", str(steps)] if steps is not None else []
     command += ["--out", str(out)] if out else []
-    out = Path(out) if out else assets_dir() / "models" / default_out
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    quality = fn(out, seed, steps)
-    seconds = time.perf_counter() - start
-    return write_manifest(out, shlex.join(command), seed, seconds, quality)
+    out = Path(out) if out else TRAINED / default_out
+    _check_out(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        start = time.perf_counter()
+        quality = fn(staging, seed, steps)
+        seconds = time.perf_counter() - start
+        manifest = write_manifest(staging, shlex.join(command), seed, seconds, quality)
+    except BaseException:  # also Ctrl-C: no half-made checkpoint stays behind
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _move_into_place(staging, out, force)
+    return manifest
+
+
+def _check_out(out: Path, force: bool):
+    """Refuse an output that is a file, or a folder with something in it (unless
+    `force`): `train` never mixes a new checkpoint into an old one."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise ValueError(f"Cannot train into {out}: it is not a folder.")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ValueError(
+            f"{out} holds files already; pass --force to replace it, or choose "
+            "another --out."
+        )
+
+
+def _move_into_place(staging: Path, out: Path, force: bool):
+    """Rename the finished `staging` folder to `out`; with `force`, the old `out`
+    is removed only once the new one is in place."""
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()  # an empty folder holds nothing to lose
+    if not out.exists():
+        with contextlib.suppress(OSError):  # a folder that appeared meanwhile
+            staging.rename(out)
+            return
+    if not force:
+        raise ValueError(
+            f"{out} appeared while training, so the new checkpoint stays in {staging}."
+        )
+    old = out.parent / f".{out.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    out.rename(old)
+    staging.rename(out)
+    shutil.rmtree(old)
 
 
 # ----------------------------------------------------------------------------------

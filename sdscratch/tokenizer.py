@@ -172,16 +172,22 @@ class Tokenizer:
         for text in texts:
             ids = self.encode(text)
             if len(ids) > length - 2:
-                warnings.warn(
-                    "The following part of your input was truncated because CLIP can "
-                    f"only handle sequences up to {length} tokens: "
-                    f"{self.decode(ids[length - 2 :])!r}",
-                    stacklevel=2,
-                )
+                warnings.warn(self._truncation(ids, length), stacklevel=2)
                 ids = ids[: length - 2]
             ids = [self.bos_id, *ids, self.eos_id]
             rows.append(ids + [self.pad_id] * (length - len(ids)))
         return torch.tensor(rows, dtype=torch.long).reshape(len(rows), length)
+
+    def _truncation(self, ids, length) -> str:
+        """The one-line warning for a prompt of `ids` cut to `length` - 2 tokens."""
+        kept = length - 2
+        start = self.decode(ids[kept : kept + 4])
+        start = start if len(start) <= 30 else start[:27] + "..."
+        return (
+            f"Prompt truncated: CLIP reads {length} tokens, so the last "
+            f"{len(ids) - kept} of its {len(ids)} tokens (from {start!r} on) were "
+            "dropped."
+        )
 
     def decode(self, ids) -> str:
         """Token ids -> text (lower-cased and with CLIP's spacing); special tokens

@@ -95,3 +95,42 @@ def test_record_attention_keeps_cross_attention_maps_and_same_output():
     with record_attention(block, "self") as maps:
         block(x, context)
     assert maps["transformer_blocks.0.attn1"][0].shape == (2, 4, 30, 30)
+
+
+def test_record_attention_all_is_self_and_cross_together():
+    """kind="all" records every attention layer of a UNet: the self-attention maps
+    (B, heads, H·W, H·W) and the cross-attention maps (B, heads, H·W, L), the same
+    maps "self" and "cross" record apart, each row a softmax."""
+    from sdscratch.unet import UNet, UNetConfig
+
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig(in_channels=3, out_channels=3, sample_size=8,
+                           block_out_channels=(8, 16), layers_per_block=1,
+                           attention_levels=(False, True), cross_attention_dim=12,
+                           num_heads=2, norm_num_groups=4)).eval()  # fmt: skip
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([10, 500])
+    context = torch.randn(2, 5, 12)
+    layers = [name for name, module in unet.named_modules()
+              if isinstance(module, Attention)]  # fmt: skip
+    recorded = {}
+    with torch.no_grad():
+        plain = unet(x, t, context)
+        for kind in ("self", "cross", "all"):
+            with record_attention(unet, kind) as maps:
+                output = unet(x, t, context)
+            torch.testing.assert_close(output, plain, atol=1e-5, rtol=0)
+            recorded[kind] = maps
+    assert sorted(recorded["all"]) == sorted(layers)
+    assert sorted([*recorded["self"], *recorded["cross"]]) == sorted(layers)
+    assert all(name.endswith("attn1") for name in recorded["self"])
+    assert all(name.endswith("attn2") for name in recorded["cross"])
+    for kind in ("self", "cross"):
+        for name, (probs,) in recorded[kind].items():
+            # close, not equal: unrecorded layers take the fused attention kernel
+            torch.testing.assert_close(recorded["all"][name][0], probs, atol=1e-6,
+                                       rtol=0)  # fmt: skip
+            tokens = probs.shape[-2] if kind == "self" else 5
+            assert probs.shape == (2, 2, probs.shape[-2], tokens)
+            torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:-1]))
+    assert all(layer.recorder is None for layer in unet.modules()
+               if isinstance(layer, Attention))  # fmt: skip

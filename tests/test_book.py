@@ -4,10 +4,10 @@ import html
 import re
 import subprocess
 import sys
+import tomllib
 
 import nbformat
 import pytest
-import tomllib
 from nbformat.v4 import new_code_cell, new_notebook, new_output
 
 from conftest import MATH

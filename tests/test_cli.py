@@ -42,6 +42,11 @@ def test_missing_command_is_one_line():
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A tiny random text-to-image checkpoint: 16×16 images, 4×4 latents."""
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny-ldm"))
+
+
+def tiny_checkpoint(root):
+    """Write a tiny random text-to-image checkpoint into `root`; return it."""
     from sdscratch.checkpoint import write_manifest
     from sdscratch.clip import TextEncoder, TextEncoderConfig
     from sdscratch.data import Shapes
@@ -50,7 +55,6 @@ def checkpoint(tmp_path_factory):
     from sdscratch.unet import UNet, UNetConfig
     from sdscratch.vae import VAE, VAEConfig
 
-    root = tmp_path_factory.mktemp("tiny-ldm")
     captions = [Shapes().scene(i)[0] for i in range(200)]
     tokenizer = train_bpe(captions, vocab_size=600, context_length=16)
     torch.manual_seed(0)

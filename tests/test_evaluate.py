@@ -1,7 +1,6 @@
 """`evaluate_model` and `python -m sdscratch evaluate`, on a tiny random checkpoint."""
 
 import json
-import math
 
 import pytest
 import torch
@@ -13,6 +12,10 @@ from sdscratch.metrics import (
     evaluate_model,
     evaluation_prompts,
     fid_floor,
+    frechet_distance,
+    image_features,
+    prompt_accuracy,
+    real_features,
     real_images,
 )
 from sdscratch.pipeline import StableDiffusion
@@ -69,11 +72,28 @@ def test_evaluate_model_scores_every_prompt_once(checkpoint):
                    progress=False)  # fmt: skip
     result = evaluate_model(checkpoint, **options)
     assert result["one_object_prompts"] + result["two_object_prompts"] == 6
-    for key in ("prompt_accuracy_one_object", "prompt_accuracy_two_objects"):
-        assert 0 <= result[key] <= 1
-    assert math.isfinite(result["fid"]) and result["fid"] > 0
+    # the same images again, drawn here: batches of 4 prompts, batch b from seed b
+    pipe, (captions, scenes) = StableDiffusion.from_pretrained(checkpoint), \
+        evaluation_prompts(6)  # fmt: skip
+    images = torch.cat([
+        pipe(captions[s : s + 4], num_inference_steps=2, output_type="pt",
+             generator=torch.Generator().manual_seed(b))
+        for b, s in enumerate(range(0, 6, 4))
+    ])  # fmt: skip
+    for count, key in ((1, "prompt_accuracy_one_object"),
+                       (2, "prompt_accuracy_two_objects")):  # fmt: skip
+        keep = [i for i, attrs in enumerate(scenes) if len(attrs["objects"]) == count]
+        expected = prompt_accuracy(images[keep], [scenes[i] for i in keep], judge)
+        assert result[key] == expected
+    features = image_features(images, judge)
+    expected_fid = frechet_distance(features, real_features(6, "val", judge=judge))
+    assert result["fid"] == pytest.approx(expected_fid, rel=1e-6)
     assert result["fid_floor"] == pytest.approx(fid_floor(6, judge), rel=1e-9)
-    assert 0 <= result["clip_score"] <= 100
+    big = torch.nn.functional.interpolate(images, scale_factor=2)  # CLIP's 32×32
+    cos = clip.similarity(big, captions).diagonal()  # the CLIP score by hand
+    assert result["clip_score"] == pytest.approx(
+        (100 * cos.clamp(min=0)).mean().item(), rel=1e-5
+    )
     assert result["seconds_per_image"] > 0 and result["cpu_seconds_per_image"] > 0
     again = evaluate_model(StableDiffusion.from_pretrained(checkpoint), **options)
     assert again["fid"] == result["fid"]  # seeded: the same images

@@ -13,6 +13,7 @@ from diffusers import (
     DDIMScheduler,
     EulerAncestralDiscreteScheduler,
     StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
@@ -27,6 +28,7 @@ from sdscratch.port import (
     unet_from_diffusers,
     vae_from_diffusers,
 )
+from sdscratch.samplers import noise_levels
 from sdscratch.schedules import NoiseSchedule
 from sdscratch.tokenizer import train_bpe
 from sdscratch.viz import to_pil
@@ -158,6 +160,95 @@ def test_img2img_equals_diffusers(pipe, references):
     expected = reference(PROMPTS, image=as_pixels(image), **options,
                          generator=torch.Generator().manual_seed(3)).images  # fmt: skip
     assert (as_pixels(ours) - expected).abs().max() <= TOLERANCE
+
+
+def inpaint_both(pipe, references, prompts, mask, seed, their_mask=None, **options):
+    """Final latents of our inpaint and of diffusers' StableDiffusionInpaintPipeline
+    (4-channel UNet; given `their_mask` if not None) on a Shapes image, and the
+    first latents each UNet saw."""
+    image = Shapes("val", size=SIZE)[4][0][None]  # (1, 3, 16, 16) in [-1, 1]
+    reference = reference_pipeline(references, cls=StableDiffusionInpaintPipeline)
+    first = []  # ours, then diffusers': the first latents (the UNet's input's half)
+
+    def keep_first(count):
+        def hook(module, args):
+            if len(first) < count:
+                first.append(args[0].chunk(2)[0])
+
+        return hook
+
+    hooks = [unet.register_forward_pre_hook(keep_first(count))
+             for count, unet in ((1, pipe.unet), (2, references["unet"]))]  # fmt: skip
+    try:
+        ours = pipe.inpaint(prompts, image, mask, output_type="latent",
+                            generator=torch.Generator().manual_seed(seed), **options)
+        their_mask = mask if their_mask is None else their_mask
+        theirs = reference(prompts, image=as_pixels(image), mask_image=their_mask,
+                           height=SIZE, width=SIZE, output_type="latent",
+                           generator=torch.Generator().manual_seed(seed),
+                           **options).images  # fmt: skip
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return ours, theirs, image, first
+
+
+@pytest.mark.filterwarnings("ignore:You have passed 2 text prompts")
+@pytest.mark.parametrize("strength", [0.7, 0.4])
+def test_inpainting_equals_diffusers(pipe, references, strength):
+    """diffusers' StableDiffusionInpaintPipeline with a 4-channel UNet blends the
+    latents the same way: after each step, the kept part is the image's latent
+    noised to the next step's level (clean after the last step). Compared on the
+    final latents; diffusers pastes no pixels back (ours does, at the end)."""
+    mask = torch.zeros(1, 1, SIZE, SIZE)
+    mask[..., 4:12, :8] = 1  # whole 4×4-pixel latent cells
+    options = dict(strength=strength, num_inference_steps=8, guidance_scale=5.0)
+    ours, theirs, image, _ = inpaint_both(pipe, references, PROMPTS, mask, 3, **options)
+    assert ours.shape == theirs.shape == (2, 4, 4, 4)
+    assert (ours - theirs).abs().max() <= 1e-4
+    kept = pipe.encode_images(image, torch.Generator().manual_seed(3))
+    assert (ours - kept).abs()[..., :1, :].max() <= 1e-4  # outside: the image's
+    assert (ours - kept).abs()[..., 1:3, :2].max() > 0.01  # inside: repainted
+
+
+def test_inpainting_at_strength_1_starts_where_img2img_does_not_from_noise(
+    pipe, references
+):
+    """The first difference from diffusers: at strength 1, diffusers' inpainting
+    starts from pure noise; ours, as img2img (ours and diffusers') at strength 1,
+    from the image's latent noised to the first step's level, √ᾱ z + √(1-ᾱ) ε,
+    which keeps a trace of the image (√ᾱ = 0.13 at the first of 8 DDIM steps)."""
+    mask = torch.zeros(1, 1, SIZE, SIZE)
+    mask[..., 4:12, :8] = 1
+    options = dict(strength=1.0, num_inference_steps=8, guidance_scale=5.0)
+    ours, theirs, image, first = inpaint_both(pipe, references, PROMPTS[0], mask, 3,
+                                              **options)  # fmt: skip
+    latent = pipe.encode_images(image, torch.Generator().manual_seed(3))
+    abar = noise_levels("ddim", 8, pipe.schedule).alphas_cumprod[0]  # t = 876
+    expected = abar.sqrt() * latent + (1 - abar).sqrt() * first[1]  # ε: diffusers'
+    assert (first[0] - expected).abs().max() <= 1e-5
+    assert (ours - theirs).abs().max() > 0.01
+
+
+def test_inpainting_mask_cells_are_the_max_of_their_pixels_not_nearest(
+    pipe, references
+):
+    """The second difference: a latent cell that a mask covers in part. diffusers
+    resizes the mask to the latents with nearest-neighbour (a cell takes one of its
+    pixels); ours takes the cell's largest value (max-pooling), so a cell is
+    repainted when any of its pixels is. With the mask widened to whole cells, the
+    two agree."""
+    mask = torch.zeros(1, 1, SIZE, SIZE)
+    mask[..., 6:10, 2:7] = 1  # cells covered in part
+    widened = torch.nn.functional.max_pool2d(mask, 4).repeat_interleave(4, -1)
+    widened = widened.repeat_interleave(4, -2)  # (1, 1, 16, 16), whole cells
+    options = dict(strength=0.7, num_inference_steps=6, guidance_scale=5.0)
+    ours, theirs, _, _ = inpaint_both(pipe, references, PROMPTS[0], mask, 5,
+                                      their_mask=widened, **options)  # fmt: skip
+    assert (ours - theirs).abs().max() <= 1e-4  # theirs given whole cells: the same
+    ours, theirs, _, _ = inpaint_both(pipe, references, PROMPTS[0], mask, 5,
+                                      **options)  # fmt: skip
+    assert (ours - theirs).abs().max() > 0.01
 
 
 def test_guidance_is_the_cfg_formula(pipe):

@@ -65,3 +65,27 @@ def test_snr_and_sigmas_agree():
 def test_unknown_schedule_is_one_clear_error():
     with pytest.raises(ValueError, match="Unknown schedule 'quadratic'"):
         NoiseSchedule.from_name("quadratic")
+
+
+# ----------------------------------------------------------------------------------
+# The scheduler config a checkpoint carries, written and read back
+
+
+@pytest.mark.parametrize("name,kwargs", CASES)
+@pytest.mark.parametrize("steps", [1000, 500])
+def test_read_schedule_gives_what_diffusers_reads_from_the_same_file(
+    name, kwargs, steps, tmp_path
+):
+    import json
+
+    from diffusers import DDIMScheduler
+
+    from sdscratch.pipeline import SCHEDULER_CONFIG, read_schedule, write_schedule
+
+    write_schedule(tmp_path, NoiseSchedule.from_name(name, steps, **kwargs))
+    ours = read_schedule(tmp_path)
+    config = json.loads((tmp_path / SCHEDULER_CONFIG).read_text())
+    theirs = DDIMScheduler.from_config(config)
+    assert ours.name == name and ours.num_train_timesteps == steps
+    torch.testing.assert_close(ours.alphas_cumprod, theirs.alphas_cumprod,
+                               atol=1e-6, rtol=0)  # fmt: skip

@@ -157,8 +157,11 @@ def test_tokens_are_the_learned_pieces():
 
 def test_over_long_prompt_is_cut_with_a_warning():
     tokenizer = train_bpe(CORPUS.splitlines(), vocab_size=700, context_length=8)
-    with pytest.warns(UserWarning, match="truncated because CLIP can only handle"):
-        ids = tokenizer(["the prompt is first cut into tokens and more", "the"])
+    text = "the prompt is first cut into tokens and more"
+    with pytest.warns(UserWarning, match="Prompt truncated") as caught:
+        ids = tokenizer([text, "the"])
+    dropped = len(tokenizer.encode(text)) - 6
+    assert f"the last {dropped} of its" in str(caught[0].message)
     assert ids.shape == (2, 8)
     assert ids[0, 0] == tokenizer.bos_id and ids[0, -1] == tokenizer.eos_id
     assert ids[1].tolist()[2:] == [tokenizer.eos_id] * 6  # end token, then padding

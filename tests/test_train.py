@@ -3,7 +3,7 @@ import itertools
 import pytest
 import torch
 
-from sdscratch.train import fit
+from sdscratch.train import EMA, fit
 
 
 def linear_fit(batches, steps):
@@ -73,3 +73,83 @@ def test_diffusion_loss_matches_the_diffusers_training_recipe(gamma):
         loss = torch.nn.functional.mse_loss(pred, noise, reduction="none")
         expected = (loss.mean(dim=list(range(1, len(loss.shape)))) * weights).mean()
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------------
+# EMA and the learning-rate schedule, against a hand computation and torch's and
+# diffusers' own implementations
+
+
+def test_ema_update_is_the_polyak_average_and_copies_buffers():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    ema = EMA(model, decay=0.9)
+    start = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    model.train()(torch.randn(8, 3))  # moves BatchNorm's running statistics
+    ema.update(model)
+    for averaged, old, new in zip(ema.model.parameters(), start, model.parameters()):
+        torch.testing.assert_close(averaged, 0.9 * old + 0.1 * new)  # by hand
+    for averaged, live in zip(ema.model.buffers(), model.buffers()):
+        assert torch.equal(averaged, live)
+    assert not any(p.requires_grad for p in ema.model.parameters())
+
+
+def test_ema_follows_diffusers_ema_model_over_many_steps():
+    from diffusers.training_utils import EMAModel
+
+    torch.manual_seed(1)
+    model = torch.nn.Linear(5, 2)
+    ours = EMA(model, decay=0.95)
+    # a constant decay: update_after_step=-1 skips diffusers' first-step copy
+    theirs = EMAModel(model.parameters(), decay=0.95, min_decay=0.95,
+                      update_after_step=-1)  # fmt: skip
+    for _ in range(20):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+        ours.update(model)
+        theirs.step(model.parameters())
+    for averaged, expected in zip(ours.model.parameters(), theirs.shadow_params):
+        torch.testing.assert_close(averaged, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("steps, warmup", [(40, 5), (30, 0), (12, 1)])
+def test_learning_rate_is_torchs_linear_warmup_then_cosine_to_a_tenth(
+    steps, warmup, monkeypatch
+):
+    """fit's learning rates, step by step, against torch's own schedulers:
+    LinearLR from lr/warmup up to lr, then CosineAnnealingLR down to lr/10."""
+    from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+
+    lr, seen, optimizers = 0.05, [], []
+
+    class Recorded(torch.optim.AdamW):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            optimizers.append(self)
+
+    def loss_fn(model, x):
+        seen.append(optimizers[0].param_groups[0]["lr"])  # the lr of this step
+        return model(x).pow(2).mean()
+
+    monkeypatch.setattr(torch.optim, "AdamW", Recorded)
+    fit(torch.nn.Linear(1, 1), loss_fn, [torch.ones(2, 1)], steps, lr=lr,
+        warmup=warmup, progress=False)  # fmt: skip
+    parameter = torch.zeros(1, requires_grad=True)
+    reference = torch.optim.SGD([parameter], lr=lr)
+    cosine = CosineAnnealingLR(reference, T_max=steps - warmup, eta_min=lr / 10)
+    if warmup:
+        linear = LinearLR(reference, start_factor=1 / warmup, end_factor=1.0,
+                          total_iters=max(warmup - 1, 1))  # fmt: skip
+        schedule = SequentialLR(reference, [linear, cosine], milestones=[warmup])
+    else:
+        schedule = cosine
+    expected = []
+    for _ in range(steps):
+        expected.append(reference.param_groups[0]["lr"])
+        reference.step()
+        schedule.step()
+    assert seen == pytest.approx(expected, rel=1e-6, abs=1e-9)

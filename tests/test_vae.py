@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from sdscratch.data import Shapes
 from sdscratch.vae import (
     VAE,
     DiagonalGaussian,
@@ -86,10 +87,21 @@ def test_vae_loss_trains_and_psnr_measures():
     assert psnr(images, torch.zeros_like(images)) == pytest.approx(
         10 * torch.log10(4 / images.pow(2).mean()).item()
     )
+    torch.manual_seed(0)
     vae = VAE(VAEConfig(block_out_channels=(8, 16), norm_num_groups=4))
     loss = vae_loss(vae, images, kl_weight=1.0, generator=g)
     loss.backward()
     assert all(p.grad is not None for p in vae.parameters())
+    scenes = Shapes("train", size=16).batch(range(4))[0]  # what it can learn
+    optimizer = torch.optim.Adam(vae.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):  # the loss it returns is one a few steps of Adam lower
+        optimizer.zero_grad()
+        loss = vae_loss(vae, scenes, kl_weight=1e-3, generator=g)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses
     factor = measure_scaling_factor(vae, images, torch.Generator().manual_seed(0))
     with torch.no_grad():
         z = vae.encode(images).sample(torch.Generator().manual_seed(0))
