@@ -1,6 +1,6 @@
-"""Shared test helpers: an in-process CLI runner, and a tiny book for the website
-tests (two lessons with stored outputs, made by hand: math, a figure, a progress bar
-and an exercise's solution)."""
+"""Shared test helpers: random weights for tiny models, an in-process CLI runner, and
+a tiny book for the website tests (two lessons with stored outputs, made by hand:
+math, a figure, a progress bar and an exercise's solution)."""
 
 import base64
 import contextlib
@@ -9,10 +9,21 @@ import json
 
 import nbformat
 import pytest
+import torch
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 from PIL import Image
 
 from sdscratch.book import header_markdown, load_book, setup_code
+
+
+def randomise(model, seed):
+    """Move norms and biases off their initial 1s and 0s, so every weight matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return model.eval()
 
 
 def run_cli(*args) -> tuple[int, str, str]:

@@ -20,6 +20,7 @@ from diffusers import (
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from conftest import randomise
 from sdscratch.checkpoint import CheckpointError, write_manifest
 from sdscratch.data import Shapes
 from sdscratch.pipeline import StableDiffusion
@@ -36,16 +37,6 @@ from sdscratch.viz import to_pil
 PROMPTS = ["a small red circle on the left", "a big blue star above a green cross"]
 SIZE = 16  # pixels; the tiny VAE halves it twice: 4×4 latents
 TOLERANCE = 1e-5
-
-
-def randomise(model, seed):
-    """Move norms and biases off their initial 1s and 0s, so every weight matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

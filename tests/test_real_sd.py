@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from conftest import run_cli
+from conftest import randomise, run_cli
 from sdscratch.data import Shapes
 from sdscratch.pipeline import StableDiffusion
 from sdscratch.single_file import infer_configs
@@ -36,16 +36,6 @@ from sdscratch.tokenizer import train_bpe
 PROMPTS = ["a small red circle on the left", "a big blue star above a green cross"]
 OPTIONS = dict(num_inference_steps=4, guidance_scale=7.5, output_type="pt")
 TOLERANCE = 1e-4
-
-
-def randomise(model, seed):
-    """Move norms and biases off their initial 1s and 0s, so every weight matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return model.eval()
 
 
 def tiny_reference(tokenizer_folder):
