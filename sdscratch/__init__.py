@@ -1,8 +1,11 @@
 """sdscratch: Stable Diffusion built from scratch, on a laptop CPU.
 
-The package holds the finished version of everything the lessons build.
+The package holds the finished version of everything the lessons build. Its main
+names are importable from the top, `from sdscratch import StableDiffusion, UNet`;
+each loads its module the first time it is used, so `import sdscratch` stays light.
 """
 
+import importlib
 import os
 import random
 from pathlib import Path
@@ -11,6 +14,31 @@ import numpy as np
 import torch
 
 __version__ = "0.1.0"
+
+# name: the module that defines it
+EXPORTS = {
+    "StableDiffusion": "sdscratch.pipeline",
+    "UNet": "sdscratch.unet",
+    "UNetConfig": "sdscratch.unet",
+    "VAE": "sdscratch.vae",
+    "VAEConfig": "sdscratch.vae",
+    "TextEncoder": "sdscratch.clip",
+    "TextEncoderConfig": "sdscratch.clip",
+    "Tokenizer": "sdscratch.tokenizer",
+    "NoiseSchedule": "sdscratch.schedules",
+    "sample": "sdscratch.samplers",
+}
+
+
+def __getattr__(name):
+    """`sdscratch.StableDiffusion` and the other EXPORTS, imported on first use."""
+    if name in EXPORTS:
+        return getattr(importlib.import_module(EXPORTS[name]), name)
+    raise AttributeError(f"module 'sdscratch' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(EXPORTS))
 
 
 def device() -> torch.device:

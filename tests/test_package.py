@@ -82,3 +82,24 @@ def test_assets_dir_finds_the_wheels_own_assets(wheel, tmp_path):
     assert module == str(wheel / "sdscratch" / "__init__.py")
     assert assets == str(wheel / "sdscratch" / "assets")
     assert command.startswith("python -m sdscratch train ldm")
+
+
+def test_the_main_names_import_from_the_top_and_are_the_modules_own():
+    import importlib
+
+    import sdscratch
+
+    for name, module in sdscratch.EXPORTS.items():
+        defined = getattr(importlib.import_module(module), name)
+        assert getattr(sdscratch, name) is defined
+    assert set(sdscratch.EXPORTS) <= set(dir(sdscratch))
+    with pytest.raises(AttributeError, match="no attribute 'Nothing'"):
+        sdscratch.Nothing  # noqa: B018
+    # `import sdscratch` alone does not load the pipeline (nor diffusers)
+    code = "import sys, sdscratch; print('sdscratch.pipeline' in sys.modules)"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                            text=True)  # fmt: skip
+    assert loaded.stdout.strip() == "False", loaded.stderr
+    code = "from sdscratch import StableDiffusion, UNet, UNetConfig, VAE, VAEConfig, "
+    code += "TextEncoder, Tokenizer, NoiseSchedule, sample"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
