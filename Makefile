@@ -34,10 +34,12 @@ lab: $(STAMP)
 ## worker wait on each other.
 test: $(STAMP) chromium
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadscope $(NBVAL) tests lessons exercises
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 ## make lessons: re-execute every lesson and store its outputs in the notebook
 ## (the kernel and settings of the test run); `make lessons LESSONS=lessons/01_x.ipynb`

@@ -81,8 +81,12 @@ def write_folder(root: Path):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     text_config = CLIPTextConfig(  # openai/clip-vit-large-patch14, SD v1's
-        hidden_size=768, intermediate_size=3072, num_attention_heads=12,
-        num_hidden_layers=12, max_position_embeddings=77, hidden_act="quick_gelu",
+        hidden_size=768,
+        intermediate_size=3072,
+        num_attention_heads=12,
+        num_hidden_layers=12,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
         projection_dim=768,
     )
     parts = {

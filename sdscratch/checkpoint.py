@@ -253,7 +253,7 @@ def read_manifest(root) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"{path} is not valid JSON.") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("command"), str):
-        raise CheckpointError(f"{path} has no \"command\" that made the checkpoint.")
+        raise CheckpointError(f'{path} has no "command" that made the checkpoint.')
     digests = manifest.get("sha256")
     if not isinstance(digests, dict) or not digests:
         raise CheckpointError(f"{path} lists no files with their sha256.")

@@ -98,10 +98,16 @@ def to_diffusers(pipe):
     )
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    unet = _build(UNet2DConditionModel, unet_config_to_diffusers(pipe.unet.config),
-                  port.unet_state_dict_to_diffusers(pipe.unet.state_dict()))
-    vae = _build(AutoencoderKL, vae_config_to_diffusers(pipe.vae.config),
-                 port.vae_state_dict_to_diffusers(pipe.vae.state_dict()))
+    unet = _build(
+        UNet2DConditionModel,
+        unet_config_to_diffusers(pipe.unet.config),
+        port.unet_state_dict_to_diffusers(pipe.unet.state_dict()),
+    )
+    vae = _build(
+        AutoencoderKL,
+        vae_config_to_diffusers(pipe.vae.config),
+        port.vae_state_dict_to_diffusers(pipe.vae.state_dict()),
+    )
     text_config = text_encoder_config_to_transformers(
         pipe.text_encoder.config, pipe.tokenizer
     )

@@ -247,25 +247,32 @@ def check_sd_v1(root: Path, unet_config: dict, scheduler_config: dict):
     kind = str(index.get("_class_name", ""))
     problems = []
     if "XL" in kind or unet_config.get("addition_embed_type") is not None:
-        problems.append("an SDXL model (addition_embed_type "
-                        f"{unet_config.get('addition_embed_type')!r}, {kind})")
+        problems.append(
+            "an SDXL model (addition_embed_type "
+            f"{unet_config.get('addition_embed_type')!r}, {kind})"
+        )
     elif unet_config.get("cross_attention_dim") == 1024:
         problems.append("a Stable Diffusion 2.x model (cross_attention_dim 1024)")
     elif isinstance(unet_config.get("attention_head_dim"), list):
-        problems.append("a Stable Diffusion 2.x model (a list of attention_head_dim "
-                        f"{unet_config['attention_head_dim']})")
+        problems.append(
+            "a Stable Diffusion 2.x model (a list of attention_head_dim "
+            f"{unet_config['attention_head_dim']})"
+        )
     prediction = scheduler_config.get("prediction_type", "epsilon")
     if not problems and prediction != "epsilon":
-        problems.append(f"a model that predicts {prediction!r} (SD v1 predicts the "
-                        "noise, 'epsilon')")
+        problems.append(
+            f"a model that predicts {prediction!r} (SD v1 predicts the "
+            "noise, 'epsilon')"
+        )
     if problems:
         raise CheckpointError(
             f"{root} holds {problems[0]}; sdscratch loads Stable Diffusion v1.x only."
         )
 
 
-def read_state(path: Path, names: dict, model: torch.nn.Module, dtype,
-               others=False) -> dict:
+def read_state(
+    path: Path, names: dict, model: torch.nn.Module, dtype, others=False
+) -> dict:
     """A safetensors file's tensors under our names, checked against the model's
     (meta) parameters: every one present, none extra, shapes equal; cast to dtype.
     A (C, C, 1, 1) convolution where the model has a (C, C) linear layer is read
@@ -409,8 +416,10 @@ def read_settings(name_or_path) -> tuple:
     tokenizer = Tokenizer.from_pretrained(where / "tokenizer")
     if kind == "diffusers":
         configs, scheduler = diffusers_settings(where)
-        return configs, tokenizer, schedule_from_config(
-            scheduler, where / SCHEDULER_CONFIG
+        return (
+            configs,
+            tokenizer,
+            schedule_from_config(scheduler, where / SCHEDULER_CONFIG),
         )
     classes = {"unet": UNetConfig, "vae": VAEConfig, "text_encoder": TextEncoderConfig}
     configs = {name: read_config(where / name, cls) for name, cls in classes.items()}
@@ -488,8 +497,9 @@ def schedule_from_config(config: dict, path="scheduler_config.json"):
             schedule = NoiseSchedule.cosine(size)
         else:
             start, end = float(config["beta_start"]), float(config["beta_end"])
-            schedule = NoiseSchedule.from_name(name, size, beta_start=start,
-                                               beta_end=end)
+            schedule = NoiseSchedule.from_name(
+                name, size, beta_start=start, beta_end=end
+            )
     except (KeyError, TypeError, ValueError):
         raise CheckpointError(f"{path} is not a scheduler config sdscratch reads.")
     if not (isinstance(offset, int) and 0 <= offset < size):

@@ -68,8 +68,9 @@ def may_download(what="the real SD v1.5 weights (~2 GB)", timeout=3.0) -> Access
     if switch == "0":
         return Access(False, f"{skipped}, and {SWITCH}=0 turns downloads off.")
     if switch != "1" and not notebook_service():
-        return Access(False, f"{skipped}; it runs on Colab/Kaggle, or locally with "
-                             f"{SWITCH}=1.")
+        return Access(
+            False, f"{skipped}; it runs on Colab/Kaggle, or locally with {SWITCH}=1."
+        )
     if os.environ.get("HF_HUB_OFFLINE", "").strip() not in ("", "0"):
         return Access(False, f"{skipped}, and HF_HUB_OFFLINE is set here.")
     endpoint = os.environ.get("HF_ENDPOINT", HUB)  # a mirror, if the user set one
@@ -77,8 +78,10 @@ def may_download(what="the real SD v1.5 weights (~2 GB)", timeout=3.0) -> Access
         hint = ""
         if "KAGGLE_KERNEL_RUN_TYPE" in os.environ:  # Kaggle starts with it off
             hint = " (on Kaggle, switch Internet on in the notebook's settings)"
-        return Access(False, f"{skipped}, and {endpoint} did not answer within "
-                             f"{timeout:g} s{hint}.")
+        return Access(
+            False,
+            f"{skipped}, and {endpoint} did not answer within {timeout:g} s{hint}.",
+        )
     return Access(True)
 
 

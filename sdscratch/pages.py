@@ -17,20 +17,33 @@ from pathlib import Path
 
 COLAB_BADGE = "https://colab.research.google.com/assets/colab-badge.svg"
 KAGGLE_BADGE = "https://kaggle.com/static/images/open-in-kaggle.svg"
-WIDGET_NOTE = ("(interactive in the notebook, on Jupyter, Colab or Kaggle; "
-               "here, what it showed when the lesson ran)")
+WIDGET_NOTE = (
+    "(interactive in the notebook, on Jupyter, Colab or Kaggle; "
+    "here, what it showed when the lesson ran)"
+)
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 # `# BEGIN SOLUTION` ... `# END SOLUTION` (nbgrader writes `### BEGIN SOLUTION`)
 SOLUTION = re.compile(r"^[ \t]*#+ ?(BEGIN|END) SOLUTION[ \t]*\n?", re.MULTILINE)
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-IMAGES = {"image/png": "png", "image/jpeg": "jpg", "image/gif": "gif",
-          "image/svg+xml": "svg"}
+IMAGES = {
+    "image/png": "png",
+    "image/jpeg": "jpg",
+    "image/gif": "gif",
+    "image/svg+xml": "svg",
+}
 DATA_URI = re.compile(r"data:image/(png|jpeg|gif);base64,([A-Za-z0-9+/=\s\\]+)")
 # Font Awesome 4 names, as matplotlib's animation controls use them, in the Font
 # Awesome 6 that mdBook turns into inline SVG icons.
-ICONS = {"fast-backward": "backward-fast", "step-backward": "backward-step",
-         "step-forward": "forward-step", "fast-forward": "forward-fast",
-         "play": "play", "pause": "pause", "minus": "minus", "plus": "plus"}
+ICONS = {
+    "fast-backward": "backward-fast",
+    "step-backward": "backward-step",
+    "step-forward": "forward-step",
+    "fast-forward": "forward-fast",
+    "play": "play",
+    "pause": "pause",
+    "minus": "minus",
+    "plus": "plus",
+}
 # In a markdown cell: fenced code and code spans (left as they are), an escaped
 # dollar, display math $$...$$, and inline math $...$ (no blank line inside).
 MARKDOWN_MATH = re.compile(
@@ -51,11 +64,15 @@ def widget_text(model_id: str, state: dict) -> str | None:
     model = state.get(model_id, {})
     if model.get("model_name") != "HBoxModel":
         return None
-    children = [state.get(ref.removeprefix("IPY_MODEL_"), {}) for ref in
-                model["state"].get("children", [])]
+    children = [
+        state.get(ref.removeprefix("IPY_MODEL_"), {})
+        for ref in model["state"].get("children", [])
+    ]
     kinds = [child.get("model_name") for child in children]
-    if kinds not in (["HTMLModel", "FloatProgressModel", "HTMLModel"],
-                     ["HTMLModel", "IntProgressModel", "HTMLModel"]):
+    if kinds not in (
+        ["HTMLModel", "FloatProgressModel", "HTMLModel"],
+        ["HTMLModel", "IntProgressModel", "HTMLModel"],
+    ):
         return None
     left, bar, right = (child["state"] for child in children)
     span = (bar.get("max") or 1) - (bar.get("min") or 0)
@@ -127,6 +144,7 @@ def protect_math(markdown: str) -> str:
     """Jupyter's `$...$` and `$$...$$` as MathJax's `\\(...\\)` and `\\[...\\]`,
     escaped so that Markdown passes the TeX through untouched. Code is left alone.
     """
+
     def replace(match):
         if match["display"] is not None:
             lines = [line.strip() for line in match["display"].splitlines()]
@@ -142,6 +160,7 @@ def protect_math(markdown: str) -> str:
 def plain_text(markdown: str) -> str:
     """Prose without its Markdown, on one line: math as its TeX without backslashes
     and braces, links as their words, no emphasis marks or backticks."""
+
     def math(match):
         tex = re.sub(r"\\[,;!: ]", " ", match[1])
         tex = re.sub(r"\\([A-Za-z]+)|[{}]", r" \1 ", tex)
@@ -202,35 +221,43 @@ def opaque_png(data: bytes) -> bytes:
     return buffer.getvalue()
 
 
-def image_markdown(output: dict, kind: str, figures: Figures, name: str,
-                   alt: str) -> str:
+def image_markdown(
+    output: dict, kind: str, figures: Figures, name: str, alt: str
+) -> str:
     """An image output as an <img> of a file, sized as the notebook showed it."""
     data = output["data"][kind]
     if kind == "image/svg+xml":
         raw = (data if isinstance(data, str) else "".join(data)).encode()
     else:
         raw = base64.b64decode(data if isinstance(data, str) else "".join(data))
-    src = figures.write(opaque_png(raw) if kind == "image/png" else raw,
-                        IMAGES[kind], name)
+    src = figures.write(
+        opaque_png(raw) if kind == "image/png" else raw, IMAGES[kind], name
+    )
     size = output.get("metadata", {}).get(kind, {})
-    attributes = "".join(f' {key}="{size[key]}"' for key in ("width", "height")
-                         if key in size)
+    attributes = "".join(
+        f' {key}="{size[key]}"' for key in ("width", "height") if key in size
+    )
     return f'<img src="{src}" alt="{html.escape(alt)}"{attributes}>'
 
 
 def html_markdown(text: str, figures: Figures, name: str) -> str:
     """An HTML output as one raw HTML block: embedded images moved to files, Font
     Awesome 4 icons renamed for mdBook, no blank line (which would end the block)."""
+
     def to_file(match):
         data = base64.b64decode(re.sub(r"[\\\s]", "", match[2]))
         digest = hashlib.sha1(data).hexdigest()[:10]
-        return figures.write(data, {"jpeg": "jpg"}.get(match[1], match[1]),
-                             f"{name}-{digest}")
+        return figures.write(
+            data, {"jpeg": "jpg"}.get(match[1], match[1]), f"{name}-{digest}"
+        )
 
     text = DATA_URI.sub(to_file, text)
     text = text.replace("fa-flip-horizontal", "sd-flip-horizontal")
-    text = re.sub(r'class="fa fa-([a-z-]+)', lambda m: 'class="fa-solid fa-'
-                  + ICONS.get(m[1], m[1]), text)
+    text = re.sub(
+        r'class="fa fa-([a-z-]+)',
+        lambda m: 'class="fa-solid fa-' + ICONS.get(m[1], m[1]),
+        text,
+    )
     lines = [line for line in text.splitlines() if line.strip()]
     return '<div class="sd-output sd-html">\n' + "\n".join(lines) + "\n</div>"
 
@@ -240,7 +267,6 @@ def text_block(text: str, kind: str = "") -> str:
     and a line rewritten with carriage returns (a text progress bar) as it ended."""
     text = re.sub(r"[^\n]*\r(?!\n)", "", ANSI.sub("", text))
     return f'<div class="sd-output {kind}">\n\n{fenced(text, "text")}\n\n</div>'
-
 
 
 def output_markdown(output: dict, figures: Figures, name: str, alt: str) -> str:
@@ -271,9 +297,11 @@ def merged_streams(outputs: list[dict]) -> list[dict]:
     merged = []
     for output in outputs:
         previous = merged[-1] if merged else {}
-        if (output.get("output_type") == "stream"
-                and previous.get("output_type") == "stream"
-                and previous.get("name") == output.get("name")):
+        if (
+            output.get("output_type") == "stream"
+            and previous.get("output_type") == "stream"
+            and previous.get("name") == output.get("name")
+        ):
             merged[-1] = {**previous, "text": previous["text"] + output["text"]}
         else:
             merged.append(dict(output))
@@ -296,8 +324,11 @@ def code_cell_markdown(cell, number: int, figures: Figures, prose: str) -> str:
         name = f"cell{number:03d}-{len(parts)}"
         parts.append(output_markdown(output, figures, name, alt))
     if solution:
-        parts = ['<details class="sd-solution">\n<summary>Solution</summary>',
-                 *parts, "</details>"]
+        parts = [
+            '<details class="sd-solution">\n<summary>Solution</summary>',
+            *parts,
+            "</details>",
+        ]
     return "\n\n".join(parts)
 
 

@@ -105,8 +105,9 @@ class StableDiffusion:
         return cls(**parts, schedule=schedule).to(device or "cpu", dtype)
 
     @classmethod
-    def from_single_file(cls, path, torch_dtype=None, device=None, config=None,
-                         extract_ema=False):
+    def from_single_file(
+        cls, path, torch_dtype=None, device=None, config=None, extract_ema=False
+    ):
         """Load a CompVis/A1111 single-file checkpoint (`v1-5-pruned-emaonly
         .safetensors`): see `sdscratch.single_file.read_single_file`.
 
@@ -312,8 +313,9 @@ class StableDiffusion:
             strength: as for `img2img`; 1 (default) repaints from pure noise.
             options: any other argument of `__call__`.
         """
-        return self._generate(prompt, image=image, mask=mask, strength=strength,
-                              **options)
+        return self._generate(
+            prompt, image=image, mask=mask, strength=strength, **options
+        )
 
     def _generate(
         self,
@@ -364,8 +366,7 @@ class StableDiffusion:
                 callback=callback,
                 init=init,
                 strength=strength,
-                mask=_latent_mask(mask, n, len(context), self.vae_scale_factor,
-                                  noise),
+                mask=_latent_mask(mask, n, len(context), self.vae_scale_factor, noise),
                 progress=progress,
             )
         if not torch.isfinite(latents).all():

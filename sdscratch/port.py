@@ -25,8 +25,14 @@ VAE_RENAMES = {  # diffusers name (whole dotted parts): sdscratch name
 
 # AutoencoderKL's defaults for what older config.json files leave out (SD v1.5's,
 # written by diffusers 0.6, has no scaling_factor).
-VAE_DEFAULTS = {"in_channels": 3, "out_channels": 3, "latent_channels": 4,
-                "layers_per_block": 1, "norm_num_groups": 32, "scaling_factor": 0.18215}
+VAE_DEFAULTS = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 1,
+    "norm_num_groups": 32,
+    "scaling_factor": 0.18215,
+}
 
 
 def rename_parts(name: str, table: dict, reverse=False) -> str:

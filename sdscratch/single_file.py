@@ -30,8 +30,10 @@ from sdscratch.loading import (
 from sdscratch.tensorfile import DamagedFile, read_header
 
 UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model."
-TEXT_PREFIXES = ("cond_stage_model.transformer.text_model.",
-                 "cond_stage_model.transformer.")  # older files lack "text_model."
+TEXT_PREFIXES = (
+    "cond_stage_model.transformer.text_model.",
+    "cond_stage_model.transformer.",
+)  # older files lack "text_model."
 # Buffers of CompVis's LatentDiffusion (the DDPM schedule, EMA bookkeeping) that
 # full checkpoints carry next to the weights; not parameters of the three models.
 IGNORED = {
@@ -73,8 +75,13 @@ def unet_prefixes(config) -> list:
                       (f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{block}.1.",
                        {})]  # fmt: skip
         if i < levels - 1:
-            table.append((f"down_blocks.{i}.downsamplers.0.conv.",
-                          f"input_blocks.{(i + 1) * (n + 1)}.0.op.", {}))
+            table.append(
+                (
+                    f"down_blocks.{i}.downsamplers.0.conv.",
+                    f"input_blocks.{(i + 1) * (n + 1)}.0.op.",
+                    {},
+                )
+            )
     table += [("mid_block.resnets.0.", "middle_block.0.", UNET_RESNET),
               ("mid_block.attentions.0.", "middle_block.1.", {}),
               ("mid_block.resnets.1.", "middle_block.2.", UNET_RESNET)]  # fmt: skip
@@ -88,8 +95,13 @@ def unet_prefixes(config) -> list:
                        {})]  # fmt: skip
         if i < levels - 1:
             slot = 2 if up_attention[i] else 1
-            table.append((f"up_blocks.{i}.upsamplers.0.conv.",
-                          f"output_blocks.{i * (n + 1) + n}.{slot}.conv.", {}))
+            table.append(
+                (
+                    f"up_blocks.{i}.upsamplers.0.conv.",
+                    f"output_blocks.{i * (n + 1) + n}.{slot}.conv.",
+                    {},
+                )
+            )
     return table
 
 
@@ -100,8 +112,14 @@ def vae_prefixes(config) -> list:
     table = [("encoder.conv_norm_out.", "encoder.norm_out.", {}),
              ("decoder.conv_norm_out.", "decoder.norm_out.", {})]  # fmt: skip
     for i in range(levels):
-        table += [(f"encoder.down_blocks.{i}.resnets.{j}.",
-                   f"encoder.down.{i}.block.{j}.", VAE_RESNET) for j in range(n)]
+        table += [
+            (
+                f"encoder.down_blocks.{i}.resnets.{j}.",
+                f"encoder.down.{i}.block.{j}.",
+                VAE_RESNET,
+            )
+            for j in range(n)
+        ]
         table += [(f"decoder.up_blocks.{i}.resnets.{j}.",
                    f"decoder.up.{levels - 1 - i}.block.{j}.", VAE_RESNET)
                   for j in range(n + 1)]  # fmt: skip
@@ -129,8 +147,10 @@ def compvis_names(pipe_parts) -> dict:
     """{(component, our key): CompVis key} for a unet, vae and text_encoder."""
     unet, vae, text = pipe_parts["unet"], pipe_parts["vae"], pipe_parts["text_encoder"]
     if not unet.config.mid_attention:
-        raise ValueError("A single file holds SD v1's layout, whose UNet has "
-                         "attention in its mid block; this one has none.")
+        raise ValueError(
+            "A single file holds SD v1's layout, whose UNet has "
+            "attention in its mid block; this one has none."
+        )
     names = {}
     unet_table, vae_table = unet_prefixes(unet.config), vae_prefixes(vae.config)
     for key in unet.state_dict():
@@ -148,8 +168,11 @@ def compvis_names(pipe_parts) -> dict:
 def _is_conv_attention(compvis_key: str) -> bool:
     """The VAE attention projections CompVis stores as 1×1 convolutions."""
     parts = compvis_key.split(".")
-    return ".mid.attn_1." in compvis_key and parts[-2] in ("q", "k", "v", "proj_out") \
+    return (
+        ".mid.attn_1." in compvis_key
+        and parts[-2] in ("q", "k", "v", "proj_out")
         and parts[-1] == "weight"
+    )
 
 
 # ----------------------------------------------------------------------------------
@@ -316,8 +339,9 @@ def _from_metadata(path, text) -> tuple:
             for name, cls in classes.items()
         }  # fmt: skip
         words = record["tokenizer"]
-        tokenizer = Tokenizer(words["vocab"], words["merges"],
-                              words["context_length"], words["pad_token"])
+        tokenizer = Tokenizer(
+            words["vocab"], words["merges"], words["context_length"], words["pad_token"]
+        )
     except (json.JSONDecodeError, KeyError, TypeError):
         raise CheckpointError(f"{path}: its sdscratch metadata is damaged.") from None
     return configs, tokenizer, schedule_from_config(record["scheduler"], path)
@@ -414,6 +438,8 @@ def infer_configs(path, shapes) -> dict:
         eos_token_id=None,  # SD v1.5's config: pool at the highest id
     )
     if unet.cross_attention_dim == 1024:
-        raise CheckpointError(f"{path} is a Stable Diffusion 2.x checkpoint "
-                              "(cross-attention width 1024); sdscratch loads SD v1.x.")
+        raise CheckpointError(
+            f"{path} is a Stable Diffusion 2.x checkpoint "
+            "(cross-attention width 1024); sdscratch loads SD v1.x."
+        )
     return {"unet": unet, "vae": vae, "text_encoder": text}

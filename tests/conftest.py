@@ -58,45 +58,76 @@ def png(colour) -> str:
 
 def tqdm_widget() -> tuple[dict, dict]:
     """A tqdm progress bar's output and widget state, as Jupyter stores them."""
+
     def model(name, **state):
-        return {"model_name": name, "model_module": "@jupyter-widgets/controls",
-                "model_module_version": "2.0.0", "state": state}
+        return {
+            "model_name": name,
+            "model_module": "@jupyter-widgets/controls",
+            "model_module_version": "2.0.0",
+            "state": state,
+        }
 
     state = {
-        "bar": model("HBoxModel", children=["IPY_MODEL_left", "IPY_MODEL_progress",
-                                            "IPY_MODEL_right"]),
+        "bar": model(
+            "HBoxModel",
+            children=["IPY_MODEL_left", "IPY_MODEL_progress", "IPY_MODEL_right"],
+        ),
         "left": model("HTMLModel", value="100%"),
         "progress": model("FloatProgressModel", value=5.0, min=0.0, max=5.0),
         "right": model("HTMLModel", value=" 5/5 [00:00&lt;00:00, 9.90it/s]"),
     }
-    output = new_output("display_data", data={
-        "application/vnd.jupyter.widget-view+json": {
-            "model_id": "bar", "version_major": 2, "version_minor": 0},
-        "text/plain": "  0%|          | 0/5 [00:00<?, ?it/s]",
-    })
-    widgets = {"application/vnd.jupyter.widget-state+json": {
-        "state": state, "version_major": 2, "version_minor": 0}}
+    output = new_output(
+        "display_data",
+        data={
+            "application/vnd.jupyter.widget-view+json": {
+                "model_id": "bar",
+                "version_major": 2,
+                "version_minor": 0,
+            },
+            "text/plain": "  0%|          | 0/5 [00:00<?, ?it/s]",
+        },
+    )
+    widgets = {
+        "application/vnd.jupyter.widget-state+json": {
+            "state": state,
+            "version_major": 2,
+            "version_minor": 0,
+        }
+    }
     return output, widgets
 
 
 def lesson_notebook(book: dict, file: str, title: str, colour) -> dict:
     progress, widgets = tqdm_widget()
-    code = new_code_cell("show(picture)", execution_count=2, outputs=[
-        new_output("display_data", data={"image/png": png(colour),
-                                         "text/plain": "<Figure>"})])
-    loop = new_code_cell("for step in tqdm(range(5)): pass", execution_count=3,
-                         outputs=[progress])
-    solution = new_code_cell(SOLUTION, execution_count=4, outputs=[
-        new_output("stream", name="stdout", text="42\n")])
-    nb = new_notebook(cells=[
-        new_markdown_cell(header_markdown(book, file, title)),
-        new_code_cell(setup_code(book), execution_count=1),
-        new_markdown_cell(MATH),
-        code,
-        loop,
-        new_markdown_cell("**Exercise.** Find the answer."),
-        solution,
-    ])
+    code = new_code_cell(
+        "show(picture)",
+        execution_count=2,
+        outputs=[
+            new_output(
+                "display_data",
+                data={"image/png": png(colour), "text/plain": "<Figure>"},
+            )
+        ],
+    )
+    loop = new_code_cell(
+        "for step in tqdm(range(5)): pass", execution_count=3, outputs=[progress]
+    )
+    solution = new_code_cell(
+        SOLUTION,
+        execution_count=4,
+        outputs=[new_output("stream", name="stdout", text="42\n")],
+    )
+    nb = new_notebook(
+        cells=[
+            new_markdown_cell(header_markdown(book, file, title)),
+            new_code_cell(setup_code(book), execution_count=1),
+            new_markdown_cell(MATH),
+            code,
+            loop,
+            new_markdown_cell("**Exercise.** Find the answer."),
+            solution,
+        ]
+    )
     nb.metadata["widgets"] = widgets
     return nb
 
@@ -106,14 +137,17 @@ def make_book(root, titles=("Adding noise", "Removing noise"), unlisted=()):
     real = load_book()
     book = {"book": real["book"], "output": real["output"], "lesson": []}
     (root / "lessons").mkdir(parents=True)
-    toml = [f"[book]\ntitle = {json.dumps(real['book']['title'])}",
-            f"[output.html]\ngit-repository-url = "
-            f"{json.dumps(real['output']['html']['git-repository-url'])}"]
+    toml = [
+        f"[book]\ntitle = {json.dumps(real['book']['title'])}",
+        f"[output.html]\ngit-repository-url = "
+        f"{json.dumps(real['output']['html']['git-repository-url'])}",
+    ]
     for number, title in enumerate(titles, start=1):
         file = f"{number:02d}_lesson_{number}.ipynb"
         book["lesson"].append({"file": file, "title": title})
-        toml.append(f"[[lesson]]\nfile = {json.dumps(file)}\n"
-                    f"title = {json.dumps(title)}")
+        toml.append(
+            f"[[lesson]]\nfile = {json.dumps(file)}\ntitle = {json.dumps(title)}"
+        )
     for number, entry in enumerate(book["lesson"]):
         colour = (200, 40 * number, 60)
         nb = lesson_notebook(book, entry["file"], entry["title"], colour)
@@ -123,8 +157,9 @@ def make_book(root, titles=("Adding noise", "Removing noise"), unlisted=()):
     (root / "assets").mkdir()
     Image.new("RGB", (4, 4), (0, 90, 200)).save(root / "assets" / "dot.png")
     (root / "book.toml").write_text("\n\n".join(toml) + "\n")
-    rows = "".join(f"| [{entry['title']}](lessons/{entry['file']}) |\n"
-                   for entry in book["lesson"])
+    rows = "".join(
+        f"| [{entry['title']}](lessons/{entry['file']}) |\n" for entry in book["lesson"]
+    )
     (root / "README.md").write_text(
         "# A tiny course\n\nAn introduction with a [link](#lessons), a [file]"
         "(LICENSE) and a picture: ![a dot](assets/dot.png)\n\n"

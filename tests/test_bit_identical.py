@@ -85,8 +85,9 @@ def _pixel_uncond():
     generator = torch.Generator().manual_seed(11)
     noise = torch.randn((4, 3, 32, 32), generator=generator)
     with torch.no_grad():
-        return sample(unet, noise, "ddpm", 10, NoiseSchedule.scaled_linear(),
-                      generator=generator).clamp(-1, 1)
+        return sample(
+            unet, noise, "ddpm", 10, NoiseSchedule.scaled_linear(), generator=generator
+        ).clamp(-1, 1)
 
 
 def _pixel_text():

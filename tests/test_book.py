@@ -22,8 +22,9 @@ from sdscratch.book import (
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "sdscratch", *args],
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "sdscratch", *args], capture_output=True, text=True
+    )
 
 
 def test_a_listed_lesson_that_does_not_exist_is_one_clear_error(tiny_book):
@@ -48,7 +49,8 @@ def test_the_site_has_a_page_per_lesson_and_loads_nothing_remote(tiny_book):
     assert sorted(path.name for path in out.glob("0*.html")) == lessons
     assert (out / "index.html").is_file() and (out / "print.html").is_file()
     assert (out / "01_lesson_1.ipynb").read_bytes() == (
-        tiny_book / "lessons" / "01_lesson_1.ipynb").read_bytes()
+        tiny_book / "lessons" / "01_lesson_1.ipynb"
+    ).read_bytes()
     assert (out / "mathjax" / "MathJax.js").is_file()
     assert (out / "assets" / "dot.png").is_file()  # the README's picture
     assert list((out / "01_lesson_1").glob("*.png"))  # figures are files
@@ -57,8 +59,9 @@ def test_the_site_has_a_page_per_lesson_and_loads_nothing_remote(tiny_book):
     assert 'href="https://github.com/sdscratch/sdscratch/blob/main/LICENSE"' in index
     for page in out.glob("*.html"):
         text = page.read_text()
-        remote = re.findall(r"""<(?:script|img|link)[^>]*(?:src|href)=["']https?:""",
-                            text)
+        remote = re.findall(
+            r"""<(?:script|img|link)[^>]*(?:src|href)=["']https?:""", text
+        )
         assert remote == [], f"{page.name} loads {remote}"
         assert "widget-view+json" not in text and "data:image" not in text
 
@@ -83,8 +86,17 @@ def test_mdbook_reads_book_toml_without_the_lessons():
 def test_a_warning_from_mdbook_fails_the_build(tiny_book):
     path = tiny_book / "lessons" / "01_lesson_1.ipynb"
     nb = nbformat.read(path, as_version=4)
-    nb.cells.append(new_code_cell("show()", outputs=[new_output(
-        "display_data", data={"text/html": '<i class="fa fa-no-such-icon"></i>'})]))
+    nb.cells.append(
+        new_code_cell(
+            "show()",
+            outputs=[
+                new_output(
+                    "display_data",
+                    data={"text/html": '<i class="fa fa-no-such-icon"></i>'},
+                )
+            ],
+        )
+    )
     nbformat.write(nb, path)
     with pytest.raises(BookError, match="mdBook failed to build the site: WARN"):
         build(tiny_book)
@@ -105,8 +117,10 @@ def write_notebook(path, *sources):
 
 
 def test_execute_stores_outputs_and_refuses_a_failing_lesson(tmp_path):
-    good = write_notebook(tmp_path / "01_good.ipynb",
-                          "import os\nprint(os.environ['HF_HUB_OFFLINE'], os.getcwd())")
+    good = write_notebook(
+        tmp_path / "01_good.ipynb",
+        "import os\nprint(os.environ['HF_HUB_OFFLINE'], os.getcwd())",
+    )
     bad = write_notebook(tmp_path / "02_bad.ipynb", "x = 1", "assert x == 2, 'not 2'")
     before = bad.read_text()
     with pytest.raises(BookError, match=r"02_bad.ipynb failed in cell 2 \(assert"):

@@ -59,8 +59,9 @@ def tiny_checkpoint(root):
     tokenizer = train_bpe(captions, vocab_size=600, context_length=16)
     torch.manual_seed(0)
     text_encoder = TextEncoder(
-        TextEncoderConfig(len(tokenizer), 16, 16, 32, 1, 2, "quick_gelu", 1e-5,
-                          tokenizer.eos_id)
+        TextEncoderConfig(
+            len(tokenizer), 16, 16, 32, 1, 2, "quick_gelu", 1e-5, tokenizer.eos_id
+        )
     )
     vae = VAE(VAEConfig(block_out_channels=(8, 8, 8), norm_num_groups=4))
     unet = UNet(

@@ -64,9 +64,18 @@ def laptop(monkeypatch):
     """A plain machine: not Colab, not Kaggle, no switch, no proxy, hub allowed."""
     for name in SERVICES:
         monkeypatch.delitem(sys.modules, name, raising=False)
-    for name in (*SERVICE_VARIABLES, "SDSCRATCH_ONLINE", "HF_HUB_OFFLINE",
-                 "HF_ENDPOINT", "http_proxy", "https_proxy", "HTTP_PROXY",
-                 "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+    for name in (
+        *SERVICE_VARIABLES,
+        "SDSCRATCH_ONLINE",
+        "HF_HUB_OFFLINE",
+        "HF_ENDPOINT",
+        "http_proxy",
+        "https_proxy",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "all_proxy",
+        "ALL_PROXY",
+    ):
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
 
@@ -138,8 +147,9 @@ def test_a_silent_hub_is_given_up_after_the_timeout(laptop, silent):
     access = may_download("x", timeout=0.5)
     assert time.perf_counter() - start < 1.5
     assert not access
-    assert access.reason.endswith("(on Kaggle, switch Internet on in the notebook's "
-                                  "settings).")
+    assert access.reason.endswith(
+        "(on Kaggle, switch Internet on in the notebook's settings)."
+    )
 
 
 def test_any_http_answer_counts_as_reachable(laptop, hub):

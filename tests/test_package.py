@@ -28,8 +28,10 @@ def test_seed_everything_seeds_python_numpy_and_torch():
     other = draws()
     generator = seed_everything(5)
     assert draws() == expected and other != expected
-    assert torch.equal(torch.randn(3, generator=generator),
-                       torch.randn(3, generator=torch.Generator().manual_seed(5)))
+    assert torch.equal(
+        torch.randn(3, generator=generator),
+        torch.randn(3, generator=torch.Generator().manual_seed(5)),
+    )
 
 
 @pytest.fixture(scope="module")

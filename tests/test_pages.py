@@ -40,8 +40,10 @@ def test_a_closed_widget_is_left_out_and_a_live_one_shows_what_it_showed(tiny_bo
     live.data["application/vnd.jupyter.widget-view+json"]["model_id"] = "interact"
     picture = nb.cells[3].outputs[0]
     state = nb.metadata.widgets["application/vnd.jupyter.widget-state+json"]["state"]
-    state["interact"] = {"model_name": "VBoxModel", "state": {"children": [
-        "IPY_MODEL_slider", "IPY_MODEL_plot"]}}
+    state["interact"] = {
+        "model_name": "VBoxModel",
+        "state": {"children": ["IPY_MODEL_slider", "IPY_MODEL_plot"]},
+    }
     state["slider"] = {"model_name": "IntSliderModel", "state": {"value": 3}}
     state["plot"] = {"model_name": "OutputModel", "state": {"outputs": [picture]}}
     nb.cells[4].outputs = [closed, live]
@@ -68,13 +70,16 @@ def test_math_is_escaped_for_markdown_and_code_is_left_alone():
     markdown = "Code `$x$` stays, $a_t*b_t$ and\n$$\n  \\sum_i x_i\n$$ do not."
     assert protect_math(markdown) == (
         "Code `$x$` stays, \\\\\\(a\\_t\\*b\\_t\\\\\\) and\n"
-        "\\\\\\[\\\\sum\\_i x\\_i\\\\\\] do not.")
+        "\\\\\\[\\\\sum\\_i x\\_i\\\\\\] do not."
+    )
     assert protect_math("It costs \\$5 and \\$6.") == "It costs \\$5 and \\$6."
 
 
 def test_a_figure_is_described_by_the_last_sentences_above_it():
-    prose = ("# Noise\n\nAn opening paragraph.\n\n"
-             "We add noise. Below, *the* `x_t`: $t$ grows.")
+    prose = (
+        "# Noise\n\nAn opening paragraph.\n\n"
+        "We add noise. Below, *the* `x_t`: $t$ grows."
+    )
     assert caption(prose) == "We add noise. Below, the x_t: t grows."
     assert caption(prose, limit=20) == "Below, the x_t: t grows."
     assert caption("") == "A figure made by the code above."
@@ -86,8 +91,10 @@ def test_a_page_has_figure_files_a_folded_solution_and_alt_text(tiny_book, tmp_p
     markdown = lesson_page(nb, page, tmp_path)
     figure = tmp_path / "01_lesson_1" / "cell003-1.png"
     assert Image.open(figure).size == (24, 16)
-    assert f'<img src="01_lesson_1/cell003-1.png" alt="{caption(nb.cells[2].source)}"' \
+    assert (
+        f'<img src="01_lesson_1/cell003-1.png" alt="{caption(nb.cells[2].source)}"'
         in markdown
+    )
     assert "data:image" not in markdown
     folded = markdown.split('<details class="sd-solution">')[1].split("</details>")[0]
     assert "answer = 6 * 7" in folded and "42" in folded
@@ -96,9 +103,11 @@ def test_a_page_has_figure_files_a_folded_solution_and_alt_text(tiny_book, tmp_p
 
 def test_an_html_output_keeps_its_images_as_files_and_gets_icons(tmp_path):
     picture = png((10, 20, 30))
-    text = (f'<div>\n\n  <img src="data:image/png;base64,{picture}">\n'
-            '<button><i class="fa fa-fast-backward"></i></button>\n'
-            '<button><i class="fa fa-play fa-flip-horizontal"></i></button></div>')
+    text = (
+        f'<div>\n\n  <img src="data:image/png;base64,{picture}">\n'
+        '<button><i class="fa fa-fast-backward"></i></button>\n'
+        '<button><i class="fa fa-play fa-flip-horizontal"></i></button></div>'
+    )
     block = html_markdown(text, Figures(tmp_path, "page"), "cell001")
     assert "\n\n" not in block and "data:image" not in block
     name = block.split('src="')[1].split('"')[0]

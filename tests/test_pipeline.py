@@ -171,8 +171,14 @@ def inpaint_both(pipe, references, prompts, mask, seed, their_mask=None, **optio
     hooks = [unet.register_forward_pre_hook(keep_first(count))
              for count, unet in ((1, pipe.unet), (2, references["unet"]))]  # fmt: skip
     try:
-        ours = pipe.inpaint(prompts, image, mask, output_type="latent",
-                            generator=torch.Generator().manual_seed(seed), **options)
+        ours = pipe.inpaint(
+            prompts,
+            image,
+            mask,
+            output_type="latent",
+            generator=torch.Generator().manual_seed(seed),
+            **options,
+        )
         their_mask = mask if their_mask is None else their_mask
         theirs = reference(prompts, image=as_pixels(image), mask_image=their_mask,
                            height=SIZE, width=SIZE, output_type="latent",

@@ -29,9 +29,15 @@ from sdscratch.book import ROOT, book_lessons, build, links, load_book
 CHROMIUM = Path("/usr/bin/chromium")
 # As root, on a machine whose only network is loopback: no sandbox, no background
 # connections that would be refused.
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update",
-         "--disable-sync"]
+FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 TIMEOUT_MS = 60_000  # any one wait in the browser (the machine may be busy)
 WIDTHS = {"desktop": (1366, 860), "phone": (390, 844)}
 TEX_LEFT_AS_TEXT = re.compile(r"\$\$|\\\(|\\\[|\$[^$\n]*\\[A-Za-z]+[^$\n]*\$")
@@ -48,8 +54,11 @@ class QuietHandler(SimpleHTTPRequestHandler):
 
     def send_head(self):
         path = Path(self.translate_path(self.path))
-        if (path.suffix not in COMPRESSED or not path.is_file()
-                or "gzip" not in self.headers.get("Accept-Encoding", "")):
+        if (
+            path.suffix not in COMPRESSED
+            or not path.is_file()
+            or "gzip" not in self.headers.get("Accept-Encoding", "")
+        ):
             return super().send_head()
         body = gzip.compress(path.read_bytes())
         self.send_response(200)
@@ -68,8 +77,7 @@ class Server(ThreadingHTTPServer):
 @contextmanager
 def serve(folder: Path):
     """Serve `folder` on 127.0.0.1 (a free port) until the block ends."""
-    server = Server(("127.0.0.1", 0),
-                    partial(QuietHandler, directory=str(folder)))
+    server = Server(("127.0.0.1", 0), partial(QuietHandler, directory=str(folder)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -84,15 +92,20 @@ def serve(folder: Path):
 def browser():
     if not CHROMIUM.exists():
         if os.environ.get("CI") == "true":
-            pytest.fail(f"{CHROMIUM} is missing on CI: `make test` installs Debian's "
-                        "chromium with apt-get, see what it printed.")
-        pytest.skip(f"Debian's chromium ({CHROMIUM}) is not installed and `make test` "
-                    "could not install it, so the website was not opened in a browser.")
+            pytest.fail(
+                f"{CHROMIUM} is missing on CI: `make test` installs Debian's "
+                "chromium with apt-get, see what it printed."
+            )
+        pytest.skip(
+            f"Debian's chromium ({CHROMIUM}) is not installed and `make test` "
+            "could not install it, so the website was not opened in a browser."
+        )
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), args=FLAGS, timeout=TIMEOUT_MS)
+            executable_path=str(CHROMIUM), args=FLAGS, timeout=TIMEOUT_MS
+        )
         yield chromium
         chromium.close()
 
@@ -105,7 +118,8 @@ class Site:
         self.book = load_book(root / "book.toml")
         self.lessons = book_lessons(self.book, root)
         self.pages = ["index.html"] + [
-            Path(lesson["file"]).with_suffix(".html").name for lesson in self.lessons]
+            Path(lesson["file"]).with_suffix(".html").name for lesson in self.lessons
+        ]
 
     def lesson(self, page: str) -> dict | None:
         index = self.pages.index(page)
@@ -142,10 +156,17 @@ def open_page(context, url: str):
     page.on("console", lambda m: m.type == "error" and seen["errors"].append(m.text))
     page.on("pageerror", lambda e: seen["errors"].append(str(e)))
     page.on("request", lambda r: seen["requests"].append(r.url))
-    page.on("requestfailed", lambda r: seen["errors"].append(
-        f"request failed: {r.url.removeprefix(base)}"))
-    page.on("response", lambda r: r.status >= 400 and seen["errors"].append(
-        f"HTTP {r.status} for {r.url.removeprefix(base)}"))
+    page.on(
+        "requestfailed",
+        lambda r: seen["errors"].append(f"request failed: {r.url.removeprefix(base)}"),
+    )
+    page.on(
+        "response",
+        lambda r: (
+            r.status >= 400
+            and seen["errors"].append(f"HTTP {r.status} for {r.url.removeprefix(base)}")
+        ),
+    )
     page.goto(url, wait_until="load")
     page.evaluate("""() => window.MathJax === undefined || new Promise(done =>
         MathJax.Hub.Register.StartupHook("End", done))""")
@@ -186,12 +207,15 @@ def lesson_problems(page, site: Site, name: str) -> list[str]:
     if TEX_LEFT_AS_TEXT.search(text):
         problems.append(f"TeX shows as text: {TEX_LEFT_AS_TEXT.search(text)[0]!r}")
     badges = page.eval_on_selector_all(
-        "main a:has(img)", "all => all.map(a => [a.querySelector('img')"
-        ".getAttribute('src'), a.href])")[:3]
+        "main a:has(img)",
+        "all => all.map(a => [a.querySelector('img').getAttribute('src'), a.href])",
+    )[:3]
     link = links(site.book, lesson["file"])
-    expected = [["colab-badge.svg", link["colab"]],
-                ["kaggle-badge.svg", link["kaggle"]],
-                ["download-badge.svg", base + lesson["file"]]]
+    expected = [
+        ["colab-badge.svg", link["colab"]],
+        ["kaggle-badge.svg", link["kaggle"]],
+        ["download-badge.svg", base + lesson["file"]],
+    ]
     if badges != expected:
         problems.append(f"its badges are {badges}, not {expected}")
     index = site.pages.index(name)
@@ -207,8 +231,11 @@ def page_problems(context, site: Site, name: str, phone: bool):
     page, seen = open_page(context, site.base + name)
     measured = page.evaluate(MEASURE)
     problems = [f"console error {error}" for error in seen["errors"]]
-    problems += [f"asked another host for {url}" for url in seen["requests"]
-                 if not url.startswith(("data:", "blob:", site.base))]
+    problems += [
+        f"asked another host for {url}"
+        for url in seen["requests"]
+        if not url.startswith(("data:", "blob:", site.base))
+    ]
     problems += [f"image {src} did not load" for src in measured["broken"]]
     if phone and measured["overflow"] > 0:
         problems.append(f"overflows the phone's width by {measured['overflow']} px")
@@ -221,9 +248,12 @@ def page_problems(context, site: Site, name: str, phone: bool):
             problems.append(f"it lists the lessons {listed}, not all in order")
     elif phone is False:
         problems += lesson_problems(page, site, name)
-    report = {"bytes": measured["bytes"], "unpacked": measured["unpacked"],
-              "requests": len(seen["requests"]),
-              "links": set(hrefs(page, "a[href]"))}
+    report = {
+        "bytes": measured["bytes"],
+        "unpacked": measured["unpacked"],
+        "requests": len(seen["requests"]),
+        "links": set(hrefs(page, "a[href]")),
+    }
     page.close()
     where = f"{name} ({'phone' if phone else 'desktop'})"
     return [f"{where}: {problem}" for problem in problems], report
@@ -274,8 +304,12 @@ def test_the_median_lesson_page_weighs_at_most_a_megabyte(checked, site):
     _, reports = checked
     weights = [reports[page]["bytes"] for page in site.pages[1:]]
     for page in site.pages:
-        print(page, reports[page]["bytes"], reports[page]["unpacked"],
-              reports[page]["requests"])
+        print(
+            page,
+            reports[page]["bytes"],
+            reports[page]["unpacked"],
+            reports[page]["requests"],
+        )
     assert weights and statistics.median(weights) <= 1_000_000, weights
 
 
@@ -301,8 +335,10 @@ def test_searching_cross_attention_lists_lesson_06(browser, site):
 
 
 def test_the_dark_theme_switches(browser, site):
-    page, seen = open_page(browser.new_context(viewport={"width": 1366, "height": 860}),
-                           site.base + "06_cross_attention.html")
+    page, seen = open_page(
+        browser.new_context(viewport={"width": 1366, "height": 860}),
+        site.base + "06_cross_attention.html",
+    )
     background = "() => getComputedStyle(document.documentElement).backgroundColor"
     light = page.evaluate(background)
     screenshot(page, "desktop.png")
@@ -318,8 +354,9 @@ def test_the_dark_theme_switches(browser, site):
 
 
 def test_the_phone_menu_opens_the_list_of_lessons(browser, site):
-    context = browser.new_context(viewport=dict(zip(("width", "height"),
-                                                    WIDTHS["phone"])))
+    context = browser.new_context(
+        viewport=dict(zip(("width", "height"), WIDTHS["phone"]))
+    )
     page, _ = open_page(context, site.base + "03_unet.html")
     box = "document.getElementById('mdbook-sidebar').getBoundingClientRect()"
     title = page.locator("main h1").bounding_box()
@@ -340,7 +377,8 @@ def test_lesson_pages_have_copy_buttons_heading_anchors_and_a_print_page(browser
     assert blocks > 5 and page.locator("main pre button.clip-button").count() == blocks
     headings = page.locator("main h2").count()
     assert headings > 3 and page.locator("main h2 > a.header[href^='#']").count() == (
-        headings)
+        headings
+    )
     assert hrefs(page, "a[href$='print.html']") == [site.base + "print.html"]
     page.context.close()
     printed, seen = open_page(browser.new_context(), site.base + "print.html")
@@ -365,8 +403,9 @@ def test_the_animation_of_lesson_09_plays_with_its_buttons(browser, site):
 
 
 def test_lesson_06_shows_its_math(browser, site):
-    context = browser.new_context(viewport=dict(zip(("width", "height"),
-                                                    WIDTHS["phone"])))
+    context = browser.new_context(
+        viewport=dict(zip(("width", "height"), WIDTHS["phone"]))
+    )
     page, _ = open_page(context, site.base + "06_cross_attention.html")
     display = page.locator(".MathJax_Display").first
     display.scroll_into_view_if_needed()
@@ -400,16 +439,22 @@ def broken(page: Path, old: str, new: str):
         page.write_text(text)
 
 
-@pytest.mark.parametrize("old, new, problem", [
-    ('src="02_lesson_2/cell003-1.png"', 'src="missing.png"', "did not load"),
-    ("<main>", "<main><script>oops()</script>", "console error"),
-    ("mathjax/MathJax.js", "mathjax/NoMathJax.js", "not typeset"),
-    ('href="02_lesson_2.ipynb"', 'href="01_lesson_1.ipynb"', "badges"),
-    ('rel="prev" href="01_lesson_1.html"', 'rel="prev" href="index.html"',
-     "prev links"),
-    ("<main>", '<main><img src="http://127.0.0.2:9/x.png" alt="">', "another host"),
-    ("<main>", '<main><div style="width: 1200px">wide</div>', "phone's width"),
-])
+@pytest.mark.parametrize(
+    "old, new, problem",
+    [
+        ('src="02_lesson_2/cell003-1.png"', 'src="missing.png"', "did not load"),
+        ("<main>", "<main><script>oops()</script>", "console error"),
+        ("mathjax/MathJax.js", "mathjax/NoMathJax.js", "not typeset"),
+        ('href="02_lesson_2.ipynb"', 'href="01_lesson_1.ipynb"', "badges"),
+        (
+            'rel="prev" href="01_lesson_1.html"',
+            'rel="prev" href="index.html"',
+            "prev links",
+        ),
+        ("<main>", '<main><img src="http://127.0.0.2:9/x.png" alt="">', "another host"),
+        ("<main>", '<main><div style="width: 1200px">wide</div>', "phone's width"),
+    ],
+)
 def test_a_broken_page_fails(browser, tiny_site, old, new, problem):
     width = "phone" if problem == "phone's width" else "desktop"
     with broken(tiny_site.out / "02_lesson_2.html", old, new):
