@@ -115,6 +115,7 @@ def run_exercise_cells(notebook: dict, indices: list[int]) -> str:
     cells run without the rest of the lesson)."""
     namespace, out = {}, io.StringIO()
     preamble = "import math\nimport torch\nimport torch.nn.functional as F\n"
+    preamble += "from einops import rearrange\n"
     exec(preamble + "from sdscratch import exercises", namespace)
     for i in indices:
         with contextlib.redirect_stdout(out):

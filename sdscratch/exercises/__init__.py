@@ -7,8 +7,8 @@ writes is in each check's docstring.
 
 In a lesson, an exercise is a cell holding only the learner's function (its
 solution between `# BEGIN SOLUTION` and `# END SOLUTION`; it takes what it needs
-as arguments and may use `math`, `torch` and `torch.nn.functional as F`), then a
-cell calling `exercises.check_<name>(function)`.
+as arguments and may use `math`, `torch`, `torch.nn.functional as F` and einops'
+`rearrange`), then a cell calling `exercises.check_<name>(function)`.
 """
 
 import contextlib
@@ -38,7 +38,13 @@ from sdscratch.exercises.networks import (
     check_reparameterize,
     check_resblock,
     check_timestep_embedding,
+    reference_contrastive_loss,
+    reference_kl,
     reference_matrix_sqrt,
+    reference_merge_pair,
+    reference_reparameterize,
+    reference_resblock,
+    reference_timestep_embedding,
 )
 
 __all__ = [
@@ -70,6 +76,12 @@ REFERENCES = {
     "ddpm_step": (reference_ddpm_step, check_ddpm_step),
     "ddim_step": (reference_ddim_step, check_ddim_step),
     "matrix_sqrt": (reference_matrix_sqrt, check_matrix_sqrt),
+    "timestep_embedding": (reference_timestep_embedding, check_timestep_embedding),
+    "resblock": (reference_resblock, check_resblock),
+    "merge_pair": (reference_merge_pair, check_merge_pair),
+    "contrastive_loss": (reference_contrastive_loss, check_contrastive_loss),
+    "reparameterize": (reference_reparameterize, check_reparameterize),
+    "kl": (reference_kl, check_kl),
 }
 
 

@@ -16,6 +16,11 @@ from sdscratch.tokenizer import merge_pair
 from sdscratch.vae import DiagonalGaussian
 
 
+def reference_timestep_embedding(t, dim):
+    """The solution of the `timestep_embedding` exercise: the package's."""
+    return timestep_embedding(t, dim)
+
+
 def check_timestep_embedding(fn) -> None:
     """`fn(t, dim) -> features`: (B,) timesteps -> (B, dim), [cos(t ω), sin(t ω)]
     with ω_i = 10000^(-i / (dim/2)), i = 0 … dim/2 - 1 (SD's order: cos first)."""
@@ -37,6 +42,15 @@ def check_timestep_embedding(fn) -> None:
     t = torch.tensor([0, 1, 10, 500, 999])
     # cos(t ω) at t ≈ 1000 in float32: the ways of writing ω differ by ~1e-4
     return check("timestep_embedding", [case(t, 32), case(t.flip(0), 320)], atol=1e-3)
+
+
+def reference_resblock(block, x, time):
+    """The solution of the `resblock` exercise: the forward pass from the parts."""
+    h = block.conv1(F.silu(block.norm1(x)))  # (B, C_out, H, W)
+    h = h + block.time_emb_proj(F.silu(time))[:, :, None, None]
+    h = block.conv2(F.silu(block.norm2(h)))
+    skip = x if block.conv_shortcut is None else block.conv_shortcut(x)
+    return skip + h
 
 
 def check_resblock(fn) -> None:
@@ -75,6 +89,11 @@ def check_resblock(fn) -> None:
     return check("resblock", [case(8, 8), case(8, 16)])
 
 
+def reference_merge_pair(symbols, pair):
+    """The solution of the `merge_pair` exercise: the package's."""
+    return merge_pair(symbols, pair)
+
+
 def check_merge_pair(fn) -> None:
     """`fn(symbols, pair) -> symbols`: one BPE merge, every occurrence of the
     adjacent `pair` (left to right, not overlapping) joined into one symbol."""
@@ -97,6 +116,11 @@ def check_merge_pair(fn) -> None:
     words = [("banana", ("a", "n")), ("aaaa", ("a", "a")), ("circle", ("x", "y")),
              ("cc", ("c", "c"))]  # fmt: skip
     return check("merge_pair", [case(word, pair) for word, pair in words])
+
+
+def reference_contrastive_loss(logits):
+    """The solution of the `contrastive_loss` exercise: the package's."""
+    return contrastive_loss(logits)
 
 
 def check_contrastive_loss(fn) -> None:
@@ -155,6 +179,11 @@ def _posterior(g):
     return mean, logvar, DiagonalGaussian(torch.cat([mean, logvar], dim=1))
 
 
+def reference_reparameterize(mean, logvar, noise):
+    """The solution of the `reparameterize` exercise: z = μ + exp(½ logvar) ε."""
+    return mean + torch.exp(0.5 * logvar) * noise
+
+
 def check_reparameterize(fn) -> None:
     """`fn(mean, logvar, noise) -> z`: the reparameterisation trick (Kingma &
     Welling 2014, §2.4), z = mean + σ ε with σ = exp(½ logvar)."""
@@ -174,6 +203,11 @@ def check_reparameterize(fn) -> None:
         return got, error, posterior.sample(generator(seed)), mistakes
 
     return check("reparameterize", (case() for _ in range(3)))
+
+
+def reference_kl(mean, logvar):
+    """The solution of the `kl` exercise: ½ Σ (μ² + σ² − 1 − log σ²) per image."""
+    return 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3))
 
 
 def check_kl(fn) -> None:
