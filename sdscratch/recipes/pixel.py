@@ -22,6 +22,7 @@ from sdscratch.metrics import (
     prompt_accuracy,
     real_features,
 )
+from sdscratch.pipeline import classifier_free_guidance
 from sdscratch.recipes.common import (
     first_scenes,
     mean_of_last,
@@ -160,20 +161,14 @@ def _copy_text_encoder(source, out):
 
 
 def guided(unet, context, empty, scale):
-    """Classifier-free guidance (Ho & Salimans 2022, eq. 6):
-    ε̂ = ε̂(x, ∅) + scale · (ε̂(x, text) − ε̂(x, ∅)).
+    """Classifier-free guidance with the empty prompt as the negative one:
+    `sdscratch.pipeline.classifier_free_guidance`.
 
     Args:
         context: (B, L, D) the prompts' hidden states; empty: (1, L, D) the empty
             prompt's. Returns `eps_fn(x, t)` for `sdscratch.samplers.sample`.
     """
-
-    def eps_fn(x, t):
-        both = torch.cat([empty.expand_as(context), context])  # (2B, L, D)
-        uncond, cond = unet(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
-        return uncond + scale * (cond - uncond)
-
-    return eps_fn
+    return classifier_free_guidance(unet, context, empty.expand_as(context), scale)
 
 
 def _train_pixel_unet(unet, schedule, images, contexts, steps, seed, empty=None):
