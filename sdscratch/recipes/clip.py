@@ -78,11 +78,7 @@ def train_clip(out, seed, steps):
     """
     steps = steps or CLIP_STEPS
     train = Shapes("train", seed=scenes_seed("clip", seed))
-    sample = [train.scene(i)[0] for i in range(5000)]
-    tokenizer = train_bpe(sample, vocab_size=1000, context_length=CLIP_CONTEXT)
-    split = [word for word in vocabulary() if len(tokenizer.tokenize(word)) > 1]
-    if split:
-        raise ValueError(f"The trained vocabulary splits caption words {split}.")
+    tokenizer = _train_tokenizer(train)
     with seeded(seed):  # the initial weights
         text_config, image_config = clip_configs(len(tokenizer), tokenizer.eos_id)
         clip = CLIP(TextEncoder(text_config), ImageEncoder(image_config), tokenizer)
@@ -112,6 +108,17 @@ def train_clip(out, seed, steps):
         "steps": steps,
         "batch_size": CLIP_BATCH,
     }
+
+
+def _train_tokenizer(train):
+    """A byte-level BPE vocabulary of the first 5,000 training captions, which
+    must keep every caption word whole."""
+    sample = [train.scene(i)[0] for i in range(5000)]
+    tokenizer = train_bpe(sample, vocab_size=1000, context_length=CLIP_CONTEXT)
+    split = [word for word in vocabulary() if len(tokenizer.tokenize(word)) > 1]
+    if split:
+        raise ValueError(f"The trained vocabulary splits caption words {split}.")
+    return tokenizer
 
 
 def _pairs(train, pool, tokenizer, seed):

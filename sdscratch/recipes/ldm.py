@@ -106,33 +106,15 @@ def train_ldm(out, seed, steps):
     means, stds, ids = encode_scenes(  # (N, C, h, w), (N, L)
         vae, tokenizer, count, seed=scenes_seed("ldm", seed)
     )
-    empty = tokenizer([""])  # (1, L): the caption of a dropped caption
-    scale, schedule = vae.config.scaling_factor, NoiseSchedule.scaled_linear()
+    schedule = NoiseSchedule.scaled_linear()
     width = text_encoder.config.hidden_size
     config = ldm_unet_config(means.shape[1], means.shape[-1], width)
     with seeded(seed):  # the initial weights
         unet = UNet(config)
-    generator = torch.Generator().manual_seed(seed)
-
-    def batches():
-        for _ in range(steps):
-            yield torch.randint(0, count, (LDM_BATCH,), generator=generator)
-
-    def loss_fn(model, i):
-        noise = torch.randn(means[i].shape, generator=generator)
-        latents = (means[i] + stds[i] * noise) * scale  # a posterior sample, scaled
-        drop = torch.rand(len(i), generator=generator) < LDM_DROPOUT
-        batch_ids = torch.where(drop[:, None], empty, ids[i])  # (B, L)
-        with torch.no_grad():
-            context = text_encoder(batch_ids)  # (B, L, D)
-        return diffusion_loss(
-            model, latents, schedule, generator, context, LDM_SNR_GAMMA
-        )
-
-    ema = EMA(unet, decay=LDM_EMA)
-    losses = fit(unet, loss_fn, batches(), steps, lr=LDM_LR,
-                 warmup=min(LDM_WARMUP, steps // 10), ema=ema, desc="ldm")  # fmt: skip
-    save_component(ema.model, out / "unet", config, dtype=torch.float16)
+    posteriors = (means, stds, vae.config.scaling_factor)
+    text = (ids, tokenizer([""]), text_encoder)  # the empty caption: (1, L)
+    ema, losses = _fit_latent_unet(unet, schedule, posteriors, text, steps, seed)
+    save_component(ema, out / "unet", config, dtype=torch.float16)
     for name, root in roots.items():
         shutil.copytree(root / name, out / name, dirs_exist_ok=True)  # the same bytes
     write_schedule(out, schedule)
@@ -149,6 +131,41 @@ def train_ldm(out, seed, steps):
         "parameters": sum(p.numel() for p in unet.parameters()),
         "cpu_seconds_training": round(training_cpu),  # summed over threads
     }
+
+
+def _fit_latent_unet(unet, schedule, posteriors, text, steps, seed):
+    """`fit` the UNet on fresh posterior samples of the encoded scenes, with
+    LDM_DROPOUT of the captions replaced by the empty one; return its EMA model
+    and the losses.
+
+    Args:
+        posteriors: means, stds (N, C, h, w) of q(z|x), and the VAE's scaling factor.
+        text: token ids (N, L) of the captions, of the empty caption (1, L), and
+            the frozen text encoder.
+        seed: of the one generator of batches, latent samples, dropout and noise.
+    """
+    (means, stds, scale), (ids, empty, text_encoder) = posteriors, text
+    generator = torch.Generator().manual_seed(seed)
+
+    def batches():
+        for _ in range(steps):
+            yield torch.randint(0, len(means), (LDM_BATCH,), generator=generator)
+
+    def loss_fn(model, i):
+        noise = torch.randn(means[i].shape, generator=generator)
+        latents = (means[i] + stds[i] * noise) * scale  # a posterior sample, scaled
+        drop = torch.rand(len(i), generator=generator) < LDM_DROPOUT
+        batch_ids = torch.where(drop[:, None], empty, ids[i])  # (B, L)
+        with torch.no_grad():
+            context = text_encoder(batch_ids)  # (B, L, D)
+        return diffusion_loss(
+            model, latents, schedule, generator, context, LDM_SNR_GAMMA
+        )
+
+    ema = EMA(unet, decay=LDM_EMA)
+    losses = fit(unet, loss_fn, batches(), steps, lr=LDM_LR,
+                 warmup=min(LDM_WARMUP, steps // 10), ema=ema, desc="ldm")  # fmt: skip
+    return ema.model, losses
 
 
 def measure_ldm(pipe, seed, n=LDM_EVAL, settings=LDM_EVAL_SETTINGS, scenes=None):
