@@ -3,14 +3,15 @@
 Threads: `run_recipe` runs every recipe inside `pinned_threads()`, on RECIPE_THREADS
 torch threads (one; see there why), and records the number in the manifest.
 
-Seeds: a recipe's `seed` argument drives every random draw, each from its own source,
-so that adding a draw to one part does not shift the others:
+Seeds: a recipe's `seed` argument drives every random draw:
 
-- initial weights: `with seeded(seed):` around the model's construction;
-- data order and training noise: `torch.Generator().manual_seed(seed)` (one stream in
-  vae, clip and ldm; judge and the pixel recipes draw training noise from a second,
-  `seed + 1`, and held-out noise from `seed + 2`); clip's hard negatives and their
-  captions: `random.Random(seed)`;
+- initial weights: `with seeded(seed):` around the model's construction, which
+  leaves torch's global generator as it was;
+- data order and noise: `torch.Generator().manual_seed(seed)`, one stream in vae
+  (also its scaling factor's latents), clip and ldm (ldm's evaluation samples from
+  a second generator of `seed`); judge and the pixel recipes draw training noise
+  from `seed + 1` and held-out noise from `seed + 2`; clip's hard negatives and
+  their captions come from `random.Random(seed)`;
 - the scenes: Shapes' own seed, which selects the family of scenes, is
   `scenes_seed(recipe, seed, part)`: the run's seed or the course's dataset
   (COURSE_SCENES), per recipe and for its training and its evaluation scenes as
