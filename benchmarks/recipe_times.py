@@ -38,13 +38,12 @@ def bundled_times() -> list[dict]:
             rows.append({"recipe": name, "note": "no bundled checkpoint"})
             continue
         made = json.loads(manifest.read_text())
-        quality = made["quality"]
-        loads = [v for k, v in quality.items() if k.startswith("load_average")]
+        loads = [made["load_average_start"], made["load_average_end"]]
         rows.append({
             "recipe": name,
             "wall": made["wall_time_seconds"],
-            "cpu": quality.get("cpu_seconds"),
-            "load": _flat(loads),
+            "cpu": made["cpu_seconds"],
+            "load": [round(v, 1) for v in loads if v is not None],
             "note": made["created"],
         })  # fmt: skip
     return rows
@@ -78,13 +77,6 @@ def _same_weights(made: dict, folder: str) -> str:
     weights = [path for path in made["sha256"] if path.endswith(".safetensors")]
     same = [path for path in weights if old.get(path) == made["sha256"][path]]
     return f"{len(same)}/{len(weights)} weight files identical to the bundled ones"
-
-
-def _flat(values) -> list[float]:
-    flat = []
-    for value in values:
-        flat += value if isinstance(value, list) else [value]
-    return [round(v, 1) for v in flat]
 
 
 def report(rows: list[dict]) -> None:

@@ -231,12 +231,12 @@ def write_manifest(root, command, seed, seconds, quality, **extra) -> dict:
         "command": command,
         "seed": seed,
         "wall_time_seconds": round(seconds, 1),
-        "quality": quality,
+        **extra,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "torch": torch.__version__,
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-        **extra,
         "sha256": {p.relative_to(root).as_posix(): sha256(p) for p in _files(root)},
+        "quality": quality,
     }
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest

@@ -197,29 +197,15 @@ class StableDiffusion:
         return hidden[: len(prompts)], hidden[len(prompts) :]
 
     def guided_noise(self, context, uncond_context, guidance_scale):
-        """Step 4's noise prediction with classifier-free guidance.
-
-        Ho & Salimans 2022, eq. 6: ε̃ = ε(x, ∅) + w (ε(x, c) - ε(x, ∅)), with w the
-        guidance scale; w = 0 ignores the prompt, w = 1 is the plain conditional
-        model, w > 1 pushes further towards the prompt. Both predictions come from
-        one UNet call on a doubled batch, as diffusers does.
+        """Step 4's noise prediction with classifier-free guidance: this UNet's
+        `classifier_free_guidance`.
 
         Returns:
             `eps_fn(x_t, t) -> ε̃` for `sample`.
         """
-        w = guidance_scale
-
-        def eps_fn(x, t):
-            if w == 0:  # the formula gives ε(x, ∅) alone: skip the other half
-                return self.unet(x, t, uncond_context)
-            if w == 1:  # the formula gives ε(x, c) alone
-                return self.unet(x, t, context)
-            contexts = torch.cat([uncond_context, context])  # (2B, L, D)
-            both = self.unet(torch.cat([x, x]), torch.cat([t, t]), contexts)
-            eps_uncond, eps_text = both.chunk(2)
-            return eps_uncond + w * (eps_text - eps_uncond)
-
-        return eps_fn
+        return classifier_free_guidance(
+            self.unet, context, uncond_context, guidance_scale
+        )
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, generator=None) -> torch.Tensor:
@@ -409,6 +395,37 @@ class StableDiffusion:
 
 # ----------------------------------------------------------------------------------
 # Checks and conversions
+
+
+def classifier_free_guidance(unet, context, uncond_context, guidance_scale):
+    """The noise prediction with classifier-free guidance, as `eps_fn(x_t, t)`.
+
+    Ho & Salimans 2022, eq. 6: ε̃ = ε(x, ∅) + w (ε(x, c) - ε(x, ∅)), with w the
+    guidance scale; w = 0 ignores the prompt, w = 1 is the plain conditional
+    model, w > 1 pushes further towards the prompt. Both predictions come from
+    one UNet call on a doubled batch, as diffusers does.
+
+    Args:
+        unet: a text-conditioned UNet, `unet(x, t, context) -> ε`.
+        context, uncond_context: (B, L, D) the prompts' and the negative (or empty)
+            prompts' hidden states.
+        guidance_scale: w, 0 or more.
+    Returns:
+        `eps_fn(x_t, t) -> ε̃` for `sample`, x_t (B, C, H, W).
+    """
+    w = guidance_scale
+
+    def eps_fn(x, t):
+        if w == 0:  # the formula gives ε(x, ∅) alone: skip the other half
+            return unet(x, t, uncond_context)
+        if w == 1:  # the formula gives ε(x, c) alone
+            return unet(x, t, context)
+        contexts = torch.cat([uncond_context, context])  # (2B, L, D)
+        both = unet(torch.cat([x, x]), torch.cat([t, t]), contexts)
+        eps_uncond, eps_text = both.chunk(2)
+        return eps_uncond + w * (eps_text - eps_uncond)
+
+    return eps_fn
 
 
 def _check_prompts(prompt, negative_prompt) -> tuple[list, list]:

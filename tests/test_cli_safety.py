@@ -43,7 +43,7 @@ def bundled(tmp_path, monkeypatch):
     shutil.copytree(assets_dir() / "models" / "shapes-judge", judge)
     monkeypatch.setenv("SDSCRATCH_ASSETS", str(assets))
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("sdscratch.recipes.JUDGE_HELDOUT", 20)
+    monkeypatch.setattr("sdscratch.recipes.judge.JUDGE_HELDOUT", 20)
     return judge
 
 

@@ -323,9 +323,9 @@ def test_bundled_clip_prefers_the_right_caption():
 
 
 def test_judge_recipe_runs_briefly(tmp_path, monkeypatch):
-    import sdscratch.recipes
+    import sdscratch.recipes.judge
 
-    monkeypatch.setattr(sdscratch.recipes, "JUDGE_HELDOUT", 100)
+    monkeypatch.setattr(sdscratch.recipes.judge, "JUDGE_HELDOUT", 100)
     manifest = run_recipe("judge", out=tmp_path, steps=2)
     assert manifest["quality"]["steps"] == 2
     assert set(manifest["quality"]["heldout_accuracy"]) == {
