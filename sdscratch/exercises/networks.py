@@ -45,12 +45,9 @@ def check_timestep_embedding(fn) -> None:
 
 
 def reference_resblock(block, x, time):
-    """The solution of the `resblock` exercise: the forward pass from the parts."""
-    h = block.conv1(F.silu(block.norm1(x)))  # (B, C_out, H, W)
-    h = h + block.time_emb_proj(F.silu(time))[:, :, None, None]
-    h = block.conv2(F.silu(block.norm2(h)))
-    skip = x if block.conv_shortcut is None else block.conv_shortcut(x)
-    return skip + h
+    """The solution of the `resblock` exercise: the package's `ResBlock.forward`,
+    which reads only the block's parts, so it serves any block that has them."""
+    return ResBlock.forward(block, x, time)
 
 
 def check_resblock(fn) -> None:
