@@ -1,9 +1,10 @@
 """Weights of the reference implementations (diffusers, transformers) in our models.
 
 Each model has its own section: a short table that renames the reference's
-parameters into ours, and a `<model>_from_<library>` function that builds our model
-from the reference's config and loads the renamed weights strictly (every tensor
-used, none missing). Equal outputs then prove the architectures are the same.
+parameters into ours (none for the autoencoder, which has diffusers' names), and a
+`<model>_from_<library>` function that builds our model from the reference's config
+and loads the renamed weights strictly (every tensor used, none missing).
+Equal outputs then prove the architectures are the same.
 """
 
 import torch
@@ -12,16 +13,8 @@ import torch
 # The autoencoder: diffusers' AutoencoderKL -> sdscratch.vae.VAE
 # ---------------------------------------------------------------------------------
 
-VAE_RENAMES = {  # diffusers name (whole dotted parts): sdscratch name
-    "downsamplers.0": "downsample",  # diffusers: a list holding one module
-    "upsamplers.0": "upsample",
-    "mid_block.resnets.0": "mid.resnet_1",  # diffusers: lists [resnet, resnet] and
-    "mid_block.attentions.0": "mid.attention",  # [attention]; ours: named parts
-    "mid_block.resnets.1": "mid.resnet_2",
-    "to_out.0": "to_out",  # diffusers: a list [Linear, Dropout]
-    "conv_norm_out": "norm_out",
-}
-
+# No table: `VAE` uses AutoencoderKL's own parameter names, so the autoencoder's
+# weights load as they are ("decoder.mid_block.attentions.0.to_q.weight" in both).
 
 # AutoencoderKL's defaults for what older config.json files leave out (SD v1.5's,
 # written by diffusers 0.6, has no scaling_factor).
@@ -38,7 +31,7 @@ VAE_DEFAULTS = {
 def rename_parts(name: str, table: dict, reverse=False) -> str:
     """Rename whole dotted parts of a parameter name by `table` (old: new).
 
-    "mid_block.attentions.0.to_out.0.weight" -> "mid.attention.to_out.weight";
+    "attn1.to_out.0.weight" -> "attn1.to_out.weight" (`UNET_RENAMES`);
     `reverse=True` goes back (new: old). "to_out.0" never matches "to_out.01".
     """
     pairs = [(new, old) if reverse else (old, new) for old, new in table.items()]
@@ -80,13 +73,13 @@ def vae_config_from_diffusers(config):
 
 
 def vae_state_dict_from_diffusers(state: dict) -> dict:
-    """Rename an `AutoencoderKL` state dict into `VAE`'s names (tensors shared)."""
-    return {rename_parts(name, VAE_RENAMES): tensor for name, tensor in state.items()}
+    """An `AutoencoderKL` state dict as `VAE`'s: the same names (tensors shared)."""
+    return dict(state)
 
 
 def vae_state_dict_to_diffusers(state: dict) -> dict:
-    """`VAE`'s state dict in `AutoencoderKL`'s names (tensors shared)."""
-    return {rename_parts(k, VAE_RENAMES, reverse=True): v for k, v in state.items()}
+    """`VAE`'s state dict as `AutoencoderKL`'s: the same names (tensors shared)."""
+    return dict(state)
 
 
 def vae_from_diffusers(model):

@@ -156,9 +156,8 @@ def compvis_names(pipe_parts) -> dict:
     for key in unet.state_dict():
         diffusers = port.rename_parts(key, port.UNET_RENAMES, reverse=True)
         names["unet", key] = UNET + _through(diffusers, unet_table)
-    for key in vae.state_dict():
-        diffusers = port.rename_parts(key, port.VAE_RENAMES, reverse=True)
-        names["vae", key] = VAE + _through(diffusers, vae_table)
+    for key in vae.state_dict():  # our VAE's names are diffusers'
+        names["vae", key] = VAE + _through(key, vae_table)
     for key in text.state_dict():
         if key != "text_projection.weight":  # CLIP's joint space: not SD's
             names["text_encoder", key] = TEXT_PREFIXES[0] + key

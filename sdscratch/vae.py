@@ -7,8 +7,9 @@ The encoder predicts a diagonal Gaussian over the latent (a variational autoenco
 Kingma & Welling 2014); a tiny KL weight keeps the latents close to N(0, I) without
 blurring the reconstructions.
 
-The layout and parameter names follow diffusers' `AutoencoderKL`, so real SD weights
-map onto ours with the short table in `sdscratch.port`.
+The layout and the parameter names are diffusers' `AutoencoderKL`'s (for example
+"encoder.down_blocks.0.resnets.0.conv1.weight"), so real SD weights load into ours
+without any renaming (`sdscratch.port.vae_from_diffusers`).
 """
 
 from dataclasses import dataclass
@@ -86,7 +87,9 @@ class AttentionBlock(nn.Module):
         self.to_q = nn.Linear(channels, channels)
         self.to_k = nn.Linear(channels, channels)
         self.to_v = nn.Linear(channels, channels)
-        self.to_out = nn.Linear(channels, channels)
+        # diffusers' to_out is a list [Linear, Dropout]; ours holds the Linear at the
+        # same place, so its weights are "to_out.0.weight" in both.
+        self.to_out = nn.Sequential(nn.Linear(channels, channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -108,39 +111,69 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))  # SD's asymmetric padding
 
 
-class ResnetStage(nn.Module):
-    """ResNet blocks at one resolution, then optionally a down- or upsampler."""
+def resnets(in_channels, out_channels, layers, groups) -> nn.ModuleList:
+    """`layers` ResNet blocks; the first changes the channel count."""
+    return nn.ModuleList(
+        ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups)
+        for i in range(layers)
+    )
 
-    def __init__(self, in_channels, out_channels, layers, groups, resample=None):
+
+class DownEncoderBlock(nn.Module):
+    """One level of the encoder: ResNet blocks, then (except at the last level) a
+    downsampler. diffusers' `DownEncoderBlock2D`, with its child names."""
+
+    def __init__(self, in_channels, out_channels, layers, groups, downsample=True):
         super().__init__()
-        self.resnets = nn.ModuleList(
-            ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups)
-            for i in range(layers)
-        )
-        self.downsample = Downsample(out_channels) if resample == "down" else None
-        self.upsample = Upsample(out_channels) if resample == "up" else None
+        self.resnets = resnets(in_channels, out_channels, layers, groups)
+        # diffusers keeps its one downsampler in a list: "downsamplers.0"
+        self.downsamplers = nn.ModuleList()
+        if downsample:
+            self.downsamplers.append(Downsample(out_channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for resnet in self.resnets:
-            x = resnet(x)
-        if self.downsample is not None:
-            x = self.downsample(x)
-        if self.upsample is not None:
-            x = self.upsample(x)
+            x = resnet(x)  # (B, C_out, H, W)
+        for downsampler in self.downsamplers:
+            x = downsampler(x)  # (B, C_out, H/2, W/2)
+        return x
+
+
+class UpDecoderBlock(nn.Module):
+    """One level of the decoder: ResNet blocks, then (except at the last level) an
+    upsampler. diffusers' `UpDecoderBlock2D`, with its child names."""
+
+    def __init__(self, in_channels, out_channels, layers, groups, upsample=True):
+        super().__init__()
+        self.resnets = resnets(in_channels, out_channels, layers, groups)
+        # diffusers keeps its one upsampler in a list: "upsamplers.0"
+        self.upsamplers = nn.ModuleList()
+        if upsample:
+            self.upsamplers.append(Upsample(out_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for resnet in self.resnets:
+            x = resnet(x)  # (B, C_out, H, W)
+        for upsampler in self.upsamplers:
+            x = upsampler(x)  # (B, C_out, 2H, 2W)
         return x
 
 
 class MidBlock(nn.Module):
-    """At the lowest resolution: ResNet block, self-attention, ResNet block."""
+    """At the lowest resolution: ResNet block, self-attention, ResNet block.
+
+    diffusers' `UNetMidBlock2D`, whose lists give the names: resnets.0,
+    attentions.0, resnets.1.
+    """
 
     def __init__(self, channels: int, groups: int):
         super().__init__()
-        self.resnet_1 = ResnetBlock(channels, channels, groups)
-        self.attention = AttentionBlock(channels, groups)
-        self.resnet_2 = ResnetBlock(channels, channels, groups)
+        self.attentions = nn.ModuleList([AttentionBlock(channels, groups)])
+        self.resnets = resnets(channels, channels, 2, groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.resnet_2(self.attention(self.resnet_1(x)))
+        x = self.resnets[0](x)
+        return self.resnets[1](self.attentions[0](x))
 
 
 class Encoder(nn.Module):
@@ -150,28 +183,26 @@ class Encoder(nn.Module):
         super().__init__()
         widths, groups = config.block_out_channels, config.norm_num_groups
         self.conv_in = nn.Conv2d(config.in_channels, widths[0], 3, padding=1)
-        self.down_blocks = nn.ModuleList()
-        for i, width in enumerate(widths):
-            last = i == len(widths) - 1
-            self.down_blocks.append(
-                ResnetStage(
-                    widths[max(i - 1, 0)],
-                    width,
-                    config.layers_per_block,
-                    groups,
-                    resample=None if last else "down",
-                )
+        self.down_blocks = nn.ModuleList(
+            DownEncoderBlock(
+                widths[max(i - 1, 0)],
+                width,
+                config.layers_per_block,
+                groups,
+                downsample=i < len(widths) - 1,
             )
-        self.mid = MidBlock(widths[-1], groups)
-        self.norm_out = group_norm(widths[-1], groups)
+            for i, width in enumerate(widths)
+        )
+        self.mid_block = MidBlock(widths[-1], groups)
+        self.conv_norm_out = group_norm(widths[-1], groups)  # diffusers' name
         self.conv_out = nn.Conv2d(widths[-1], 2 * config.latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)  # (B, C0, H, W)
         for block in self.down_blocks:
             h = block(h)  # halves H and W, except the last
-        h = self.mid(h)  # (B, C_last, H/f, W/f)
-        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 2·latent, H/f, W/f)
+        h = self.mid_block(h)  # (B, C_last, H/f, W/f)
+        return self.conv_out(F.silu(self.conv_norm_out(h)))  # (B, 2·latent, H/f, W/f)
 
 
 class Decoder(nn.Module):
@@ -181,27 +212,25 @@ class Decoder(nn.Module):
         super().__init__()
         widths, groups = config.block_out_channels[::-1], config.norm_num_groups
         self.conv_in = nn.Conv2d(config.latent_channels, widths[0], 3, padding=1)
-        self.mid = MidBlock(widths[0], groups)
-        self.up_blocks = nn.ModuleList()
-        for i, width in enumerate(widths):
-            last = i == len(widths) - 1
-            self.up_blocks.append(
-                ResnetStage(
-                    widths[max(i - 1, 0)],
-                    width,
-                    config.layers_per_block + 1,
-                    groups,
-                    resample=None if last else "up",
-                )
+        self.mid_block = MidBlock(widths[0], groups)
+        self.up_blocks = nn.ModuleList(
+            UpDecoderBlock(
+                widths[max(i - 1, 0)],
+                width,
+                config.layers_per_block + 1,
+                groups,
+                upsample=i < len(widths) - 1,
             )
-        self.norm_out = group_norm(widths[-1], groups)
+            for i, width in enumerate(widths)
+        )
+        self.conv_norm_out = group_norm(widths[-1], groups)  # diffusers' name
         self.conv_out = nn.Conv2d(widths[-1], config.in_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid(self.conv_in(z))  # (B, C_last, h, w)
+        h = self.mid_block(self.conv_in(z))  # (B, C_last, h, w)
         for block in self.up_blocks:
             h = block(h)  # doubles H and W, except the last
-        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 3, h·f, w·f)
+        return self.conv_out(F.silu(self.conv_norm_out(h)))  # (B, 3, h·f, w·f)
 
 
 class DiagonalGaussian:
