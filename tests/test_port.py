@@ -68,6 +68,21 @@ def test_vae_from_diffusers_gives_the_same_latents_and_images(name):
     assert decoded.shape == x.shape
 
 
+@pytest.mark.parametrize("name", TINY_VAES)
+def test_vae_has_autoencoder_kls_parameter_names(name):
+    """No renaming table: every key and shape of our state dict is diffusers'."""
+    from sdscratch.port import vae_config_from_diffusers
+    from sdscratch.vae import VAE
+
+    settings = dict(TINY_VAES[name])
+    settings.pop("size")
+    reference = tiny_autoencoder_kl(**settings)
+    with torch.device("meta"):
+        ours = VAE(vae_config_from_diffusers(reference.config))
+    expected = {key: value.shape for key, value in reference.state_dict().items()}
+    assert {key: value.shape for key, value in ours.state_dict().items()} == expected
+
+
 def test_vae_from_diffusers_refuses_another_layout():
     from diffusers import AutoencoderKL
 
