@@ -111,7 +111,7 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))  # SD's asymmetric padding
 
 
-def resnets(in_channels, out_channels, layers, groups) -> nn.ModuleList:
+def resnet_blocks(in_channels, out_channels, layers, groups) -> nn.ModuleList:
     """`layers` ResNet blocks; the first changes the channel count."""
     return nn.ModuleList(
         ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups)
@@ -125,7 +125,7 @@ class DownEncoderBlock(nn.Module):
 
     def __init__(self, in_channels, out_channels, layers, groups, downsample=True):
         super().__init__()
-        self.resnets = resnets(in_channels, out_channels, layers, groups)
+        self.resnets = resnet_blocks(in_channels, out_channels, layers, groups)
         # diffusers keeps its one downsampler in a list: "downsamplers.0"
         self.downsamplers = nn.ModuleList()
         if downsample:
@@ -145,7 +145,7 @@ class UpDecoderBlock(nn.Module):
 
     def __init__(self, in_channels, out_channels, layers, groups, upsample=True):
         super().__init__()
-        self.resnets = resnets(in_channels, out_channels, layers, groups)
+        self.resnets = resnet_blocks(in_channels, out_channels, layers, groups)
         # diffusers keeps its one upsampler in a list: "upsamplers.0"
         self.upsamplers = nn.ModuleList()
         if upsample:
@@ -169,7 +169,7 @@ class MidBlock(nn.Module):
     def __init__(self, channels: int, groups: int):
         super().__init__()
         self.attentions = nn.ModuleList([AttentionBlock(channels, groups)])
-        self.resnets = resnets(channels, channels, 2, groups)
+        self.resnets = resnet_blocks(channels, channels, 2, groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.resnets[0](x)
