@@ -9,11 +9,8 @@
 - "owner/name" that is no existing path is a Hugging Face Hub repository, downloaded
   with huggingface_hub (safetensors, json and txt files only).
 
-`read_diffusers_folder` reads a diffusers folder into our classes through
-`sdscratch.port`'s tables: the models are built on the `meta` device and take the
-file's tensors (`load_state_dict(assign=True)`), so no second copy of the weights is
-ever held. A folder that is incomplete, damaged, or not SD v1 is refused with one
-sentence; nothing partially loaded is returned.
+Our folders are read here; a diffusers folder by `sdscratch.diffusers_folder`, a
+single file by `sdscratch.single_file`.
 """
 
 import json
@@ -23,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from sdscratch import assets_dir, port
+from sdscratch import assets_dir
 from sdscratch.checkpoint import (
     MANIFEST,
     CheckpointError,
@@ -31,25 +28,25 @@ from sdscratch.checkpoint import (
     load_component,
     verify,
 )
-from sdscratch.tensorfile import DamagedFile, read_header, read_tensors
+from sdscratch.diffusers_folder import (
+    COMPONENTS,
+    OTHER_FILES,
+    SCHEDULER_CONFIG,
+    diffusers_settings,
+    read_json,
+)
+from sdscratch.diffusers_folder import (  # where StableDiffusion imports it from
+    read_diffusers_folder as read_diffusers_folder,
+)
 
 DEFAULT_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the real SD v1.5
 PICKLES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-# component: (weights file name without ".safetensors", its config file)
-COMPONENTS = {
-    "unet": ("diffusion_pytorch_model", "config.json"),
-    "vae": ("diffusion_pytorch_model", "config.json"),
-    "text_encoder": ("model", "config.json"),
-}
 DTYPES = {  # the names torch_dtype may be given by, and the CLI's
     "fp32": torch.float32, "float32": torch.float32,
     "fp16": torch.float16, "float16": torch.float16,
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
 }  # fmt: skip
-OTHER_FILES = ("tokenizer/vocab.json", "tokenizer/merges.txt",
-               "scheduler/scheduler_config.json")  # fmt: skip
-# (tokenizer/tokenizer.json, which transformers 5 writes, may stand for the first two)
 
 
 def is_path(name_or_path) -> bool:
@@ -187,217 +184,6 @@ def check_fit(where, unet, vae, text_encoder, tokenizer):
         raise CheckpointError(f"{where}: the tokenizer does not fit the encoder.")
 
 
-# ----------------------------------------------------------------------------------
-# Diffusers folders
-
-
-def read_json(path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing; the model folder is incomplete.")
-    try:
-        value = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"{path} is not valid JSON.") from None
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{path} is not a JSON object.")
-    return value
-
-
-def weights_file(folder: Path, stem: str, variant=None) -> Path:
-    """The safetensors file of a component: the variant asked for, else the other."""
-    names = [f"{stem}.{variant}.safetensors"] if variant else []
-    names += [f"{stem}.safetensors", f"{stem}.fp16.safetensors"]
-    for name in names:
-        if (folder / name).is_file():
-            return folder / name
-    if any(folder.glob(f"{stem}*.bin")):
-        raise CheckpointError(
-            f"{folder} holds only pickled weights (.bin), which can run code when "
-            "loaded; sdscratch reads only .safetensors weights."
-        )
-    raise CheckpointError(f"{folder / names[0]} is missing; the folder is incomplete.")
-
-
-def check_complete(root: Path, variant=None) -> dict:
-    """Every file a diffusers SD v1 folder needs, or one sentence naming what is
-    missing. Returns {component: weights file}."""
-    missing = [name for name in OTHER_FILES if not (root / name).is_file()]
-    if (root / "tokenizer" / "tokenizer.json").is_file():  # transformers 5's one file
-        missing = [name for name in missing if not name.startswith("tokenizer/")]
-    missing += [
-        f"{name}/{config}"
-        for name, (_, config) in COMPONENTS.items()
-        if not (root / name / config).is_file()
-    ]
-    if missing:
-        raise CheckpointError(
-            f"{root} is not a complete Stable Diffusion folder: "
-            f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing."
-        )
-    return {
-        name: weights_file(root / name, stem, variant)
-        for name, (stem, _) in COMPONENTS.items()
-    }
-
-
-def check_sd_v1(root: Path, unet_config: dict, scheduler_config: dict):
-    """Refuse SD 2.x, SDXL and other pipelines with one sentence naming why."""
-    index = read_json(root / "model_index.json")
-    kind = str(index.get("_class_name", ""))
-    problems = []
-    if "XL" in kind or unet_config.get("addition_embed_type") is not None:
-        problems.append(
-            "an SDXL model (addition_embed_type "
-            f"{unet_config.get('addition_embed_type')!r}, {kind})"
-        )
-    elif unet_config.get("cross_attention_dim") == 1024:
-        problems.append("a Stable Diffusion 2.x model (cross_attention_dim 1024)")
-    elif isinstance(unet_config.get("attention_head_dim"), list):
-        problems.append(
-            "a Stable Diffusion 2.x model (a list of attention_head_dim "
-            f"{unet_config['attention_head_dim']})"
-        )
-    prediction = scheduler_config.get("prediction_type", "epsilon")
-    if not problems and prediction != "epsilon":
-        problems.append(
-            f"a model that predicts {prediction!r} (SD v1 predicts the "
-            "noise, 'epsilon')"
-        )
-    if problems:
-        raise CheckpointError(
-            f"{root} holds {problems[0]}; sdscratch loads Stable Diffusion v1.x only."
-        )
-
-
-def read_state(
-    path: Path, names: dict, model: torch.nn.Module, dtype, others=False
-) -> dict:
-    """A safetensors file's tensors under our names, checked against the model's
-    (meta) parameters: every one present, none extra, shapes equal; cast to dtype.
-    A (C, C, 1, 1) convolution where the model has a (C, C) linear layer is read
-    as that layer (CompVis's VAE attention).
-
-    Args:
-        names: file key -> our key (keys mapped to None are skipped).
-        others: the file holds other models' tensors too: skip unlisted keys.
-    """
-    expected = model.state_dict()
-    state = {}
-    header = _read_header(path)
-    keys = [key for key in header if not others or key in names]
-    unknown = [key for key in keys if key not in names]
-    if unknown:
-        raise CheckpointError(
-            f"{path} holds {len(unknown)} tensors that are not in the model, "
-            f"e.g. {unknown[0]!r}."
-        )
-    for key in keys:
-        ours = names[key]
-        if ours is None:
-            continue
-        shape = tuple(header[key]["shape"])
-        _check_shape(shape, key, ours, expected, path)
-    wanted = [key for key in keys if names[key] is not None]
-    try:
-        for key, tensor in read_tensors(path, wanted, dtype):
-            shape = expected[names[key]].shape
-            state[names[key]] = tensor.reshape(shape)  # (C, C, 1, 1) -> (C, C)
-    except OSError:
-        raise CheckpointError(f"{path} could not be read.") from None
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise CheckpointError(
-            f"{path} lacks {len(missing)} of the model's tensors, e.g. {missing[0]!r}."
-        )
-    return state
-
-
-def _check_shape(shape, key, ours, expected, path):
-    """A file's tensor fits the model's, or one sentence says how it does not. A
-    (C, C, 1, 1) convolution fits a (C, C) linear layer (CompVis's VAE attention)."""
-    if ours not in expected:
-        raise CheckpointError(f"{path}: {key} is not a tensor of the model.")
-    needed = tuple(expected[ours].shape)
-    if shape != needed and not (len(needed) == 2 and shape == (*needed, 1, 1)):
-        raise CheckpointError(
-            f"{path}: {key} has shape {shape}, but the model's config needs {needed}."
-        )
-
-
-def _read_header(path) -> dict:
-    try:
-        return read_header(path)[0]
-    except (DamagedFile, KeyError, TypeError, ValueError, OSError):
-        raise CheckpointError(
-            f"{path} is not a readable safetensors file (truncated or damaged?)."
-        ) from None
-
-
-def build(model_cls, config, path, names, dtype, others=False):
-    """`model_cls(config)` on the meta device, then given the file's tensors."""
-    with torch.device("meta"):
-        model = model_cls(config)
-    state = read_state(path, names, model, dtype, others)
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
-
-
-def read_diffusers_folder(root, dtype=torch.float32, variant=None) -> dict:
-    """Our unet, vae, text_encoder and tokenizer from a diffusers SD v1.x folder.
-
-    Args:
-        root: the folder (model_index.json, unet/, vae/, text_encoder/,
-            tokenizer/, scheduler/).
-        dtype: the models' dtype (the files may hold another).
-        variant: "fp16" to prefer the `*.fp16.safetensors` files.
-    Returns:
-        {"unet", "vae", "text_encoder", "tokenizer", "scheduler_config"}.
-    """
-    from sdscratch.clip import TextEncoder
-    from sdscratch.tokenizer import Tokenizer
-    from sdscratch.unet import UNet
-    from sdscratch.vae import VAE
-
-    root = Path(root)
-    files = check_complete(root, variant)
-    configs, scheduler = diffusers_settings(root)
-    unet_config, vae_config = configs["unet"], configs["vae"]
-    text_config = configs["text_encoder"]
-    parts = {}
-    for name, cls, config, rename in (
-        ("unet", UNet, unet_config, port.unet_state_dict_from_diffusers),
-        ("vae", VAE, vae_config, port.vae_state_dict_from_diffusers),
-        ("text_encoder", TextEncoder, text_config,
-         port.text_encoder_state_dict_from_transformers),
-    ):  # fmt: skip
-        mapping = {key: _renamed(rename, key) for key in file_keys(files[name])}
-        parts[name] = build(cls, config, files[name], mapping, dtype)
-    parts["tokenizer"] = Tokenizer.from_pretrained(root / "tokenizer")
-    parts["scheduler_config"] = scheduler
-    return parts
-
-
-def diffusers_settings(root: Path) -> tuple[dict, dict]:
-    """Our configs of a diffusers folder's three models, and its scheduler config;
-    SD 2.x, SDXL and layouts we do not build are refused with one sentence."""
-    configs = {name: read_json(root / name / "config.json") for name in COMPONENTS}
-    scheduler = read_json(root / SCHEDULER_CONFIG)
-    check_sd_v1(root, configs["unet"], scheduler)
-    try:
-        return {
-            "unet": port.unet_config_from_diffusers(configs["unet"]),
-            "vae": port.vae_config_from_diffusers(configs["vae"]),
-            "text_encoder": port.text_encoder_config_from_transformers(
-                configs["text_encoder"]
-            ),
-        }, scheduler
-    except KeyError as error:
-        raise CheckpointError(f"{root}: a config.json lacks {error}.") from None
-    except ValueError as error:
-        raise CheckpointError(f"{root}: {error}") from None
-
-
 def read_settings(name_or_path) -> tuple:
     """(configs, tokenizer, schedule) of a folder (diffusers' or ours) or a Hub repo
     (its configs only are downloaded): what a single file does not hold."""
@@ -426,20 +212,9 @@ def read_settings(name_or_path) -> tuple:
     return configs, tokenizer, read_schedule(where)
 
 
-def file_keys(path: Path) -> list:
-    return list(_read_header(path))
-
-
-def _renamed(rename, key):
-    """The name a port table gives one key (None: dropped, like position_ids)."""
-    renamed = rename({key: None})
-    return next(iter(renamed), None)
-
-
 # ----------------------------------------------------------------------------------
 # The scheduler's config: which noise schedule the UNet was trained with
 
-SCHEDULER_CONFIG = "scheduler/scheduler_config.json"  # where diffusers keeps it
 # Settings of diffusers' scheduler configs that our samplers do not follow:
 # (key, the value we follow, what a different value would mean).
 UNSUPPORTED = (

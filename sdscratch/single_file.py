@@ -22,12 +22,11 @@ from sdscratch.checkpoint import CheckpointError
 from sdscratch.loading import (
     DEFAULT_REPO,
     PICKLES,
-    build,
     download,
     read_settings,
     schedule_from_config,
 )
-from sdscratch.tensorfile import DamagedFile, read_header
+from sdscratch.tensorfile import DamagedFile, build, read_header
 
 UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model."
 TEXT_PREFIXES = (

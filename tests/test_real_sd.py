@@ -333,7 +333,7 @@ def test_compvis_file_gives_diffusers_images(folder, compvis_file):
 
 
 def test_compvis_file_configs_are_inferred_from_shapes(folder, compvis_file):
-    from sdscratch.loading import diffusers_settings
+    from sdscratch.diffusers_folder import diffusers_settings
     from sdscratch.single_file import _header
 
     _, shapes, _ = _header(compvis_file)
