@@ -1,0 +1,202 @@
+"""ControlNet: equal to diffusers' ControlNetModel (ported weights, from_unet), the
+UNet it steers equal to diffusers' UNet given the same residuals, and the pipeline
+equal to diffusers' StableDiffusionControlNetPipeline."""
+
+import dataclasses
+import math
+import random
+
+import pytest
+import torch
+from diffusers import ControlNetModel, UNet2DConditionModel
+
+from sdscratch.controlnet import ControlNet, steered_unet
+from sdscratch.port import (
+    controlnet_config_from_diffusers,
+    controlnet_from_diffusers,
+    controlnet_state_dict_from_diffusers,
+    controlnet_to_diffusers,
+    unet_from_diffusers,
+)
+
+TOLERANCE = 1e-5
+
+
+def random_config(seed) -> dict:
+    """A diffusers UNet2DConditionModel config our UNet supports, drawn at random:
+    1-3 levels, widths, layers, attention levels, heads, groups, projection, and a
+    hint encoder (widths, halvings, channels) for the ControlNet."""
+    rng = random.Random(seed)
+    levels, groups, heads = rng.randint(1, 3), rng.choice([2, 4]), rng.choice([1, 2])
+    base = math.lcm(groups, heads)
+    widths = [base * rng.randint(1, 4) for _ in range(levels)]
+    attention = [rng.random() < 0.6 for _ in range(levels)]
+    mid_attention = rng.random() < 0.7
+    down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention]
+    up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)]
+    unet = dict(
+        sample_size=8, in_channels=rng.choice([3, 4]), out_channels=4,
+        block_out_channels=tuple(widths), layers_per_block=rng.randint(1, 2),
+        down_block_types=tuple(down), up_block_types=tuple(up),
+        mid_block_type="UNetMidBlock2DCrossAttn" if mid_attention
+        else "UNetMidBlock2D",
+        cross_attention_dim=rng.choice([6, 10]), attention_head_dim=heads,
+        norm_num_groups=groups, use_linear_projection=rng.random() < 0.5,
+    )  # fmt: skip
+    halvings = rng.randint(1, 3)
+    hint = dict(
+        conditioning_embedding_out_channels=tuple(
+            rng.randint(2, 6) for _ in range(halvings + 1)
+        ),
+        conditioning_channels=rng.choice([1, 3]),
+    )
+    return unet, hint
+
+
+def perturb(model, seed):
+    """Add noise to every parameter (the zero convolutions too), so every weight
+    matters and no residual is zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def reference_pair(seed):
+    """(diffusers UNet, diffusers ControlNet made from it, hint settings)."""
+    unet_config, hint = random_config(seed)
+    torch.manual_seed(seed)
+    unet = perturb(UNet2DConditionModel(**unet_config), seed + 1)
+    controlnet = ControlNetModel.from_unet(unet, **hint)
+    return unet, perturb(controlnet, seed + 2), hint
+
+
+def inputs(controlnet, batch=2, side=None, seed=0):
+    """x (B, C, h, w), t (B,), context (B, 5, D), control (B, c, f·h, f·w)."""
+    c = controlnet.config
+    f = 2 ** (len(c.conditioning_embedding_out_channels) - 1)
+    side = side or 5 + seed % 3  # odd sides too: 5 -> 3 -> 2
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, c.in_channels, side, side, generator=g)
+    t = torch.tensor([17, 803, 401][:batch])
+    context = torch.randn(batch, 5, c.cross_attention_dim, generator=g)
+    control = torch.rand(batch, c.conditioning_channels, f * side, f * side,
+                         generator=g)  # fmt: skip
+    return x, t, context, control
+
+
+def max_error(ours, theirs) -> float:
+    down, mid = ours
+    assert len(down) == len(theirs[0])
+    errors = [(a - b).abs().max() for a, b in zip(down, theirs[0])]
+    assert all(a.shape == b.shape for a, b in zip(down, theirs[0]))
+    return max([*errors, (mid - theirs[1]).abs().max()]).item()
+
+
+def our_context(ours, context):
+    """Our ControlNet takes no context when its UNet has no attention at all."""
+    return None if ours.config.cross_attention_dim is None else context
+
+
+SEEDS = range(8)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("guess_mode", [False, True])
+def test_port_equals_diffusers_on_random_configs(seed, guess_mode):
+    _, reference, _ = reference_pair(seed)
+    ours = controlnet_from_diffusers(reference)
+    x, t, context, control = inputs(reference, seed=seed)
+    with torch.no_grad():
+        theirs = reference(x, t, context, control, conditioning_scale=0.7,
+                           guess_mode=guess_mode, return_dict=False)  # fmt: skip
+        mine = ours(x, t, our_context(ours, context), control, 0.7, guess_mode)
+    assert max_error(mine, theirs) <= TOLERANCE
+    assert max(r.abs().max() for r in mine[0]) > 1e-2  # not trivially zero
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_steered_unet_equals_diffusers_unet_with_the_residuals(seed):
+    reference_unet, reference, _ = reference_pair(seed)
+    unet = unet_from_diffusers(reference_unet)
+    controlnet = controlnet_from_diffusers(reference)
+    x, t, context, control = inputs(reference, seed=seed)
+    with torch.no_grad():
+        down, mid = reference(x, t, context, control, return_dict=False)
+        theirs = reference_unet(x, t, context, down_block_additional_residuals=down,
+                                mid_block_additional_residual=mid).sample  # fmt: skip
+        plain = reference_unet(x, t, context).sample
+        mine = steered_unet(unet, controlnet, control)(x, t, our_context(unet, context))
+    assert (mine - theirs).abs().max() <= TOLERANCE
+    assert (theirs - plain).abs().max() > 1e-2  # the residuals change the output
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_from_unet_equals_diffusers_from_unet(seed):
+    reference_unet, _, hint = reference_pair(seed)
+    unet = unet_from_diffusers(reference_unet)
+    torch.manual_seed(100 + seed)
+    theirs = ControlNetModel.from_unet(reference_unet, **hint)
+    torch.manual_seed(100 + seed)
+    ours = ControlNet.from_unet(unet, **hint)
+    expected = controlnet_state_dict_from_diffusers(theirs.state_dict())
+    state = ours.state_dict()
+    assert state.keys() == expected.keys()
+    assert all(torch.equal(state[key], expected[key]) for key in expected)
+    ported = controlnet_config_from_diffusers(theirs.config)
+    unused = dict(sample_size=ours.config.sample_size, out_channels=4)  # unknown there
+    assert ours.config == dataclasses.replace(ported, **unused)
+    # the zero convolutions are zero: the steered UNet is the UNet itself ...
+    x, t, context, control = inputs(theirs, seed=seed)
+    context = our_context(unet, context)
+    with torch.no_grad():
+        plain = unet(x, t, context)
+        assert torch.equal(steered_unet(unet, ours, control)(x, t, context), plain)
+        # ... and the copy is a copy
+        ours.conv_in.weight.add_(1)
+    assert not torch.equal(ours.conv_in.weight, unet.conv_in.weight)
+
+
+def test_port_can_fail():
+    """One wrong weight gives a large error: the comparison would catch a bad port."""
+    _, reference, _ = reference_pair(0)
+    ours = controlnet_from_diffusers(reference)
+    x, t, context, control = inputs(reference)
+    with torch.no_grad():
+        ours.zero_convs[-1].weight.mul_(2)
+        theirs = reference(x, t, context, control, return_dict=False)
+        error = max_error(ours(x, t, our_context(ours, context), control), theirs)
+    assert error > 1e-3
+
+
+def test_sd15_controlnet_config_and_back_to_diffusers():
+    """SD v1.5's ControlNets (lllyasviel/sd-controlnet-*): the default config."""
+    with torch.device("meta"):
+        reference = ControlNetModel(cross_attention_dim=768)
+    config = controlnet_config_from_diffusers(reference.config)
+    with torch.device("meta"):
+        ours = ControlNet(config)
+    count = sum(p.numel() for p in ours.parameters())
+    assert count == sum(p.numel() for p in reference.parameters()) == 361_279_120
+    assert config.conditioning_embedding_out_channels == (16, 32, 96, 256)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_to_diffusers_round_trip(seed):
+    _, reference, _ = reference_pair(seed)
+    ours = controlnet_from_diffusers(reference)
+    back = controlnet_to_diffusers(ours)
+    assert back.state_dict().keys() == reference.state_dict().keys()
+    x, t, context, control = inputs(reference, seed=seed)
+    with torch.no_grad():
+        expected = reference(x, t, context, control, return_dict=False)
+        assert max_error(back(x, t, context, control, return_dict=False),
+                         expected) == 0  # fmt: skip
+
+
+def test_port_refuses_what_it_does_not_build():
+    with torch.device("meta"):
+        bgr = ControlNetModel(controlnet_conditioning_channel_order="bgr")
+    with pytest.raises(ValueError, match="controlnet_conditioning_channel_order"):
+        controlnet_config_from_diffusers(bgr.config)
