@@ -264,4 +264,10 @@ def _add_residuals(skips, residuals) -> list:
             f"Got {len(residuals)} down-block residuals for the UNet's {len(skips)} "
             "skips: the ControlNet was made for another UNet."
         )
+    for skip, residual in zip(skips, residuals):
+        if residual.shape != skip.shape:
+            raise ValueError(
+                f"A down-block residual of shape {tuple(residual.shape)} cannot be "
+                f"added to a skip of shape {tuple(skip.shape)}."
+            )
     return [skip + residual for skip, residual in zip(skips, residuals)]

@@ -5,12 +5,16 @@ equal to diffusers' StableDiffusionControlNetPipeline."""
 import dataclasses
 import math
 import random
+import warnings
 
+import numpy as np
 import pytest
 import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
+from PIL import Image, ImageDraw
 
 from sdscratch.controlnet import ControlNet, steered_unet
+from sdscratch.pipeline import StableDiffusion
 from sdscratch.port import (
     controlnet_config_from_diffusers,
     controlnet_from_diffusers,
@@ -53,13 +57,13 @@ def random_config(seed) -> dict:
     return unet, hint
 
 
-def perturb(model, seed):
+def perturb(model, seed, scale=0.1):
     """Add noise to every parameter (the zero convolutions too), so every weight
     matters and no residual is zero."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
+            p.add_(scale * torch.randn(p.shape, generator=g))
     return model.eval()
 
 
@@ -200,3 +204,178 @@ def test_port_refuses_what_it_does_not_build():
         bgr = ControlNetModel(controlnet_conditioning_channel_order="bgr")
     with pytest.raises(ValueError, match="controlnet_conditioning_channel_order"):
         controlnet_config_from_diffusers(bgr.config)
+
+
+# ----------------------------------------------------------------------------------
+# The pipeline, against diffusers' StableDiffusionControlNetPipeline
+
+PROMPTS = ["a small red circle on the left", "a big blue star above a green cross"]
+HINT = (8, 16, 32)  # two halvings: the bundled VAE's ×4
+
+
+def outline(side=32, box=(6, 4, 24, 20)) -> Image.Image:
+    """A white rectangle outline on black: an edge map."""
+    picture = Image.new("RGB", (side, side))
+    ImageDraw.Draw(picture).rectangle(box, outline="white", width=2)
+    return picture
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    """(ours, diffusers' ControlNet pipeline, our ControlNet): the bundled model and
+    a ControlNet made from its UNet with random weights, in both libraries."""
+    from diffusers import StableDiffusionControlNetPipeline
+
+    pipe = StableDiffusion.from_pretrained("shapes-ldm")
+    exported = pipe.to_diffusers()
+    torch.manual_seed(0)
+    controlnet = ControlNetModel.from_unet(
+        exported.unet, conditioning_embedding_out_channels=HINT
+    )
+    controlnet = perturb(controlnet, 4, scale=0.03)
+    reference = StableDiffusionControlNetPipeline(
+        **exported.components, controlnet=controlnet, requires_safety_checker=False
+    )
+    reference.set_progress_bar_config(disable=True)
+    return pipe, reference, controlnet_from_diffusers(controlnet)
+
+
+def generate(pipe, reference, controlnet, image, **options):
+    """The same images from both pipelines: ours, theirs, in [0, 1]."""
+    options = dict(num_inference_steps=4, output_type="pt") | options
+    prompts = options.pop("prompts", PROMPTS)
+    ours = pipe(prompts, image=image, controlnet=controlnet,
+                generator=torch.Generator().manual_seed(5), **options)  # fmt: skip
+    theirs = reference(prompts, image=image, generator=torch.Generator().manual_seed(5),
+                       **options).images  # fmt: skip
+    return (ours / 2 + 0.5).clamp(0, 1), theirs
+
+
+CASES = {
+    "guidance": dict(),
+    "guess mode": dict(guess_mode=True, controlnet_conditioning_scale=0.8),
+    "no guidance, half scale": dict(guidance_scale=1.0,
+                                    controlnet_conditioning_scale=0.5),
+    "two per prompt": dict(num_images_per_prompt=2, guidance_scale=5.0),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_pipeline_equals_diffusers_controlnet_pipeline(pipes, case):
+    pipe, reference, controlnet = pipes
+    ours, theirs = generate(*pipes, outline(), **CASES[case])
+    assert ours.shape == theirs.shape == (len(theirs), 3, 32, 32)
+    assert (ours - theirs).abs().max() <= 1e-4
+    plain = pipe(PROMPTS, generator=torch.Generator().manual_seed(5),
+                 num_inference_steps=4, output_type="pt")  # fmt: skip
+    assert ((plain / 2 + 0.5).clamp(0, 1) - ours[:: len(ours) // 2]).abs().max() > 0.01
+
+
+def test_pipeline_one_control_image_per_prompt(pipes):
+    images = [outline(), outline(box=(2, 10, 30, 28))]
+    ours, theirs = generate(*pipes, images, num_images_per_prompt=2)
+    assert (ours - theirs).abs().max() <= 1e-4
+    tensor = torch.stack([torch.from_numpy(np.asarray(p) / 255.0) for p in images])
+    again, _ = generate(*pipes, tensor.permute(0, 3, 1, 2), num_images_per_prompt=2)
+    assert (again - ours).abs().max() <= 1e-5  # a tensor in [0, 1] is the same
+
+
+def test_scale_zero_is_the_pipeline_without_control(pipes):
+    pipe, _, controlnet = pipes
+    run = dict(num_inference_steps=3, output_type="latent")
+    plain = pipe(PROMPTS, generator=torch.Generator().manual_seed(1), **run)
+    zero = pipe(PROMPTS, image=outline(), controlnet=controlnet,
+                controlnet_conditioning_scale=0.0,
+                generator=torch.Generator().manual_seed(1), **run)  # fmt: skip
+    assert torch.equal(plain, zero)
+
+
+def test_control_image_of_another_size_is_resized_with_one_warning(pipes):
+    pipe, _, controlnet = pipes
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        images = pipe(PROMPTS, image=[outline(48), outline(48)], controlnet=controlnet,
+                      num_inference_steps=2, output_type="pt")  # fmt: skip
+    assert [str(w.message) for w in caught] == [
+        "The control image is 48×48 pixels; resized to 32×32, the size of the "
+        "images being made."
+    ]
+    assert images.shape == (2, 3, 32, 32)
+
+
+def other_unet_controlnet():
+    from sdscratch.unet import UNet, UNetConfig
+
+    unet = UNet(UNetConfig(block_out_channels=(16, 32), attention_levels=(True, True),
+                           layers_per_block=1, cross_attention_dim=96, num_heads=4,
+                           norm_num_groups=8))  # fmt: skip
+    return ControlNet.from_unet(unet, conditioning_embedding_out_channels=HINT)
+
+
+BAD = {
+    "no controlnet": (dict(image="OUTLINE"), "pass controlnet= too"),
+    "no image": (dict(controlnet="OURS"), "needs a control image"),
+    "not an image": (dict(image="edges.png", controlnet="OURS"), "PIL images or a"),
+    "not a ControlNet": (dict(image="OUTLINE", controlnet="x"), "sdscratch ControlNet"),
+    "another UNet": (dict(image="OUTLINE", controlnet="OTHER"),
+                     r"UNet with block_out_channels=\(16, 32\)"),
+    "another VAE": (dict(image="OUTLINE", controlnet="SD"), "shrinks images 8×"),
+    "[-1, 1] tensor": (dict(image="SIGNED", controlnet="OURS"), r"in \[0, 1\]"),
+    "three images": (dict(image="THREE", controlnet="OURS"), "3 control images"),
+    "scale": (dict(image="OUTLINE", controlnet="OURS",
+                   controlnet_conditioning_scale="1"), "must be a number"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_control_input_is_one_sentence(pipes, case):
+    pipe, _, controlnet = pipes
+    arguments, message = BAD[case]
+    values = {
+        "OUTLINE": outline(),
+        "OURS": controlnet,
+        "OTHER": other_unet_controlnet(),
+        "SD": ControlNet.from_unet(pipe.unet),
+        "SIGNED": torch.rand(1, 3, 32, 32) * 2 - 1,
+        "THREE": [outline()] * 3,
+    }
+    arguments = {k: values.get(v, v) if isinstance(v, str) else v
+                 for k, v in arguments.items()}  # fmt: skip
+    with pytest.raises(ValueError, match=message) as error:
+        pipe(PROMPTS, num_inference_steps=1, **arguments)
+    assert str(error.value).count(". ") == 0 and "\n" not in str(error.value)
+
+
+def test_controlnet_in_another_dtype_is_refused(pipes):
+    pipe, _, controlnet = pipes
+    other = ControlNet.from_unet(pipe.unet, HINT).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="controlnet.to"):
+        pipe("a red circle", image=outline(), controlnet=other, num_inference_steps=1)
+
+
+def test_unet_refuses_residuals_for_another_unet():
+    from sdscratch.unet import UNet, UNetConfig
+
+    unet = UNet(UNetConfig(block_out_channels=(8,), attention_levels=(False,),
+                           cross_attention_dim=None, norm_num_groups=4))  # fmt: skip
+    x = torch.randn(1, 4, 4, 4)
+    skip = torch.randn(1, 8, 4, 4)
+    with pytest.raises(ValueError, match="2 down-block residuals for the UNet's 3"):
+        unet(x, 1, down_block_additional_residuals=[skip, skip])
+    with pytest.raises(ValueError, match=r"of shape \(1, 4, 4, 4\) cannot be added"):
+        unet(x, 1, down_block_additional_residuals=[skip, skip, x])
+    steered = unet(x, 1, down_block_additional_residuals=[skip, skip, skip])
+    assert (steered - unet(x, 1)).abs().max() > 1e-3
+
+
+def test_saved_and_loaded_like_every_component(tmp_path):
+    from sdscratch.checkpoint import load_component, save_component
+    from sdscratch.controlnet import ControlNetConfig
+
+    _, reference, _ = reference_pair(5)
+    controlnet = controlnet_from_diffusers(reference)
+    save_component(controlnet, tmp_path / "controlnet", controlnet.config)
+    loaded = load_component(tmp_path / "controlnet", ControlNet, ControlNetConfig)
+    assert loaded.config == controlnet.config
+    state = loaded.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in controlnet.state_dict().items())
