@@ -101,7 +101,7 @@ class ControlNet(nn.Module):
         if len(c.attention_levels) != levels:
             raise ValueError("attention_levels needs one entry per block_out_channels.")
         time_dim = 4 * widths[0]
-        # the UNet's order: conv_in, time embedding (then, here, the hint encoder)
+        # built in diffusers' order, so that one seed draws the same hint encoder
         self.conv_in = nn.Conv2d(c.in_channels, widths[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(widths[0], time_dim)
         self.hint_encoder = HintEncoder(

@@ -379,3 +379,67 @@ def test_saved_and_loaded_like_every_component(tmp_path):
     assert loaded.config == controlnet.config
     state = loaded.state_dict()
     assert all(torch.equal(v, state[k]) for k, v in controlnet.state_dict().items())
+
+
+# ----------------------------------------------------------------------------------
+# The command line
+
+
+@pytest.fixture(scope="module")
+def controlnet_folder(pipes, tmp_path_factory):
+    from sdscratch.checkpoint import save_component
+
+    _, _, controlnet = pipes
+    folder = tmp_path_factory.mktemp("controlnet") / "edges"
+    save_component(controlnet, folder, controlnet.config)
+    outline().save(folder.parent / "edges.png")
+    return folder
+
+
+def test_cli_generate_with_a_control_image(pipes, controlnet_folder, tmp_path):
+    from conftest import run_cli
+
+    pipe, _, controlnet = pipes
+    edges, run = controlnet_folder.parent / "edges.png", ("--steps", "3", "--seed", "7")
+    pictures = {}
+    for name, control in {
+        "none": (),
+        "zero": ("--control", edges, "--controlnet", controlnet_folder,
+                 "--control-scale", "0"),
+        "half": ("--control", edges, "--controlnet", controlnet_folder,
+                 "--control-scale", "0.5"),
+    }.items():  # fmt: skip
+        out = tmp_path / f"{name}.png"
+        code, _, err = run_cli("generate", PROMPTS[0], *run, *control, "-o", out)
+        assert (code, err) == (0, "")
+        pictures[name] = np.asarray(Image.open(out))
+    assert np.array_equal(pictures["zero"], pictures["none"])
+    expected = pipe(PROMPTS[0], image=outline(), controlnet=controlnet,
+                    controlnet_conditioning_scale=0.5, num_inference_steps=3,
+                    generator=torch.Generator().manual_seed(7))[0]  # fmt: skip
+    assert np.abs(pictures["half"] - np.asarray(expected, np.int16)).max() <= 1
+    assert not np.array_equal(pictures["half"], pictures["none"])
+
+
+def test_cli_bad_control_is_one_sentence_exit_2(controlnet_folder, tmp_path):
+    from conftest import run_cli
+    from sdscratch.checkpoint import save_component
+
+    other = tmp_path / "other"
+    save_component(other_unet_controlnet(), other, other_unet_controlnet().config)
+    (tmp_path / "notes.png").write_text("not a picture")
+    edges = controlnet_folder.parent / "edges.png"
+    cases = {
+        "Cannot read": ("--control", tmp_path / "notes.png",
+                        "--controlnet", controlnet_folder),
+        "made for a UNet with": ("--control", edges, "--controlnet", other),
+        "go together": ("--control", edges),
+        "no such folder": ("--control", edges, "--controlnet", tmp_path / "nope"),
+        "needs --control": ("--control-scale", "2"),
+    }  # fmt: skip
+    for message, arguments in cases.items():
+        out = tmp_path / "out.png"
+        code, _, err = run_cli("generate", "a red circle", "--steps", "1",
+                               *arguments, "-o", out)  # fmt: skip
+        assert code == 2 and message in err and err.count("\n") == 1, (message, err)
+        assert not out.exists()
