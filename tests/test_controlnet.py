@@ -2,6 +2,7 @@
 UNet it steers equal to diffusers' UNet given the same residuals, and the pipeline
 equal to diffusers' StableDiffusionControlNetPipeline."""
 
+import copy
 import dataclasses
 import math
 import random
@@ -288,6 +289,18 @@ def test_scale_zero_is_the_pipeline_without_control(pipes):
                 controlnet_conditioning_scale=0.0,
                 generator=torch.Generator().manual_seed(1), **run)  # fmt: skip
     assert torch.equal(plain, zero)
+
+
+def test_bfloat16_matches_diffusers_bfloat16(pipes):
+    pipe, reference, controlnet = (copy.deepcopy(part) for part in pipes)
+    full, _ = generate(pipe, reference, controlnet, outline())
+    for part in (pipe, reference, controlnet):
+        part.to(dtype=torch.bfloat16)
+    ours, theirs = generate(pipe, reference, controlnet, outline())
+    # bfloat16 keeps 8 bits of mantissa: pixels within a few 1/256 of diffusers'
+    assert (ours - theirs.float()).abs().max() <= 2e-2
+    # and far closer to diffusers' bfloat16 images than to the float32 ones
+    assert (ours - theirs.float()).abs().max() < (theirs.float() - full).abs().max() / 2
 
 
 def test_control_image_of_another_size_is_resized_with_one_warning(pipes):
