@@ -20,6 +20,8 @@ EXPORTS = {
     "StableDiffusion": "sdscratch.pipeline",
     "UNet": "sdscratch.unet",
     "UNetConfig": "sdscratch.unet",
+    "ControlNet": "sdscratch.controlnet",
+    "ControlNetConfig": "sdscratch.controlnet",
     "VAE": "sdscratch.vae",
     "VAEConfig": "sdscratch.vae",
     "TextEncoder": "sdscratch.clip",

@@ -61,6 +61,7 @@ def cmd_generate(args):
 
     out, image_format = output_path(args)  # before the slow part: fail early
     image, mask = open_image(args.init_image), open_image(args.mask)
+    control = open_image(args.control)
     if mask is not None and image is None:
         raise ValueError("--mask needs --init-image, the image to repaint.")
     if args.strength is not None and image is None:
@@ -71,6 +72,7 @@ def cmd_generate(args):
     side = pipe.latent_shape[-1] * pipe.vae_scale_factor * IMAGE_SIZE_FACTOR
     image = decode_image(image, args.init_image, "RGB", side)
     mask = decode_image(mask, args.mask, "L", side)
+    controlling = control_options(args, control, pipe, side)
     options = dict(
         negative_prompt=args.negative_prompt,
         num_inference_steps=args.steps,
@@ -88,10 +90,36 @@ def cmd_generate(args):
         strength = 0.8 if args.strength is None else args.strength
         images = pipe.img2img(args.prompt, image, strength, **options)
     else:
-        images = pipe(args.prompt, **options)
+        images = pipe(args.prompt, **options, **controlling)
     picture = make_grid(images, pad=2) if len(images) > 1 else images[0]
     publish(to_pil(picture[None])[0], out, image_format, args.force)
     print(out)
+
+
+def control_options(args, control, pipe, side) -> dict:
+    """--controlnet, --control (opened) and --control-scale as the pipeline's
+    `controlnet`, `image` and `controlnet_conditioning_scale` ({}: no control)."""
+    if args.controlnet is None and control is None:
+        if args.control_scale is not None:
+            raise ValueError("--control-scale needs --control and --controlnet.")
+        return {}
+    if args.controlnet is None or control is None:
+        raise ValueError("--control IMAGE and --controlnet FOLDER go together.")
+    if args.init_image is not None:
+        raise ValueError("--control steers text-to-image; drop --init-image.")
+    if not Path(args.controlnet).is_dir():
+        raise ValueError(f"--controlnet {args.controlnet}: no such folder.")
+    from sdscratch.checkpoint import load_component
+    from sdscratch.controlnet import ControlNet, ControlNetConfig
+
+    controlnet = load_component(args.controlnet, ControlNet, ControlNetConfig)
+    return dict(
+        image=decode_image(control, args.control, "RGB", side),
+        controlnet=controlnet.to(pipe.device, pipe.dtype),
+        controlnet_conditioning_scale=1.0
+        if args.control_scale is None
+        else args.control_scale,
+    )
 
 
 def pick_device(name):
@@ -289,6 +317,19 @@ def add_generate_command(commands):
     generate.add_argument(
         "--mask",
         help="inpainting: white where --init-image is repainted (the same size)",
+    )
+    generate.add_argument(
+        "--control",
+        help="ControlNet: a control image (e.g. an edge map) whose layout the "
+        "images follow; resized to the images' size",
+    )
+    generate.add_argument(
+        "--controlnet", help="ControlNet: the folder of a ControlNet for this model"
+    )
+    generate.add_argument(
+        "--control-scale",
+        type=float,
+        help="ControlNet: how strongly it steers (default: 1; 0: not at all)",
     )
     generate.set_defaults(func=cmd_generate)
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from sdscratch.checkpoint import save_component
+from sdscratch.controlnet import Control
 from sdscratch.loading import (
     DEFAULT_REPO,
     SCHEDULER_CONFIG,
@@ -196,16 +197,15 @@ class StableDiffusion:
         hidden = self.text_encoder(ids)  # (2B, L, D)
         return hidden[: len(prompts)], hidden[len(prompts) :]
 
-    def guided_noise(self, context, uncond_context, guidance_scale):
+    def guided_noise(self, context, uncond_context, guidance_scale, unet=None):
         """Step 4's noise prediction with classifier-free guidance: this UNet's
-        `classifier_free_guidance`.
+        (or `unet`'s, e.g. a ControlNet-steered one) `classifier_free_guidance`.
 
         Returns:
             `eps_fn(x_t, t) -> ε̃` for `sample`.
         """
-        return classifier_free_guidance(
-            self.unet, context, uncond_context, guidance_scale
-        )
+        unet = self.unet if unet is None else unet
+        return classifier_free_guidance(unet, context, uncond_context, guidance_scale)
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, generator=None) -> torch.Tensor:
@@ -236,6 +236,10 @@ class StableDiffusion:
         callback=None,
         output_type="pil",
         progress=False,
+        image=None,
+        controlnet=None,
+        controlnet_conditioning_scale=1.0,
+        guess_mode=False,
     ):
         """Text-to-image: images of `prompt`, from pure noise.
 
@@ -254,7 +258,18 @@ class StableDiffusion:
             output_type: "pil" (a list of N PIL images), "pt" ((N, 3, H, W) in
                 [-1, 1]) or "latent" (the final scaled latents, (N, C, h, w)).
             progress: show a progress bar over the steps.
+            image: with `controlnet`, the control image(s) whose layout the images
+                follow: PIL, 1 or B of them, or a tensor (B, 3, H, W) in [0, 1];
+                resized (with a warning) to the images' size.
+            controlnet: a `sdscratch.controlnet.ControlNet` made for this UNet.
+            controlnet_conditioning_scale: how strongly it steers (0: not at all).
+            guess_mode: the ControlNet steers the conditional half of guidance only
+                (diffusers' `guess_mode`).
         """
+        control = None
+        if controlnet is not None or image is not None:
+            control = Control(controlnet, image, controlnet_conditioning_scale,
+                              guess_mode)  # fmt: skip
         return self._generate(
             prompt,
             negative_prompt=negative_prompt,
@@ -267,6 +282,7 @@ class StableDiffusion:
             callback=callback,
             output_type=output_type,
             progress=progress,
+            control=control,
         )
 
     def img2img(self, prompt, image, strength=0.8, **options):
@@ -319,8 +335,10 @@ class StableDiffusion:
         callback=None,
         output_type="pil",
         progress=False,
+        control=None,
     ):
-        """The six steps, for all three tasks (arguments as `__call__`'s)."""
+        """The six steps, for all three tasks (arguments as `__call__`'s; `control`
+        a `sdscratch.controlnet.Control`)."""
         prompts, negatives = _check_prompts(prompt, negative_prompt)
         _check_numbers(num_inference_steps, guidance_scale, num_images_per_prompt)
         _check_choice(output_type, OUTPUT_TYPES, "output_type")
@@ -337,12 +355,15 @@ class StableDiffusion:
             init = _per_image(self.encode_images(images, generator), n, len(context))
             shape = init.shape
         noise = _randn(shape, generator, self.device, self.dtype)
+        unet = self.unet  # or, with a ControlNet, the UNet it steers
+        if control is not None:
+            unet = control.steer(self.unet, shape, self.vae_scale_factor, n)
         if init is not None and _steps_run(num_inference_steps, strength) == 0:
             latents = init  # no step to run at this strength: keep the image
         else:
             # 4. the denoising loop: the UNet with guidance, then a sampler step
             latents = sample(
-                self.guided_noise(context, uncond, guidance_scale),
+                self.guided_noise(context, uncond, guidance_scale, unet),
                 noise,
                 sampler,
                 num_inference_steps,

@@ -302,3 +302,99 @@ def _same(value, name):
             raise ValueError(f"sdscratch uses one {name} for all levels, got {value}.")
         value = value[0]
     return value
+
+
+# ---------------------------------------------------------------------------------
+# The ControlNet: diffusers' ControlNetModel <-> sdscratch.controlnet.ControlNet
+# ---------------------------------------------------------------------------------
+
+CONTROLNET_RENAMES = UNET_RENAMES | {  # the UNet's renames, and three plainer names
+    "controlnet_cond_embedding": "hint_encoder",
+    "controlnet_down_blocks": "zero_convs",
+    "controlnet_mid_block": "mid_zero_conv",
+}
+
+CONTROLNET_FIXED = {  # ControlNetModel options that sdscratch keeps at these values
+    "controlnet_conditioning_channel_order": "rgb",
+    "global_pool_conditions": False,
+}
+
+
+def controlnet_config_from_diffusers(config):
+    """Our `ControlNetConfig` from a diffusers `ControlNetModel` config (a dict):
+    the UNet's fields as `unet_config_from_diffusers` reads them (the up blocks
+    mirror the down blocks), plus the hint encoder's."""
+    import dataclasses
+
+    from sdscratch.controlnet import ControlNetConfig
+    from sdscratch.unet import UNetConfig
+
+    config = dict(config)
+    _require(config, CONTROLNET_FIXED, "ControlNet")
+    down = list(config["down_block_types"])
+    up = ["CrossAttnUpBlock2D" if kind == "CrossAttnDownBlock2D" else "UpBlock2D"
+          for kind in reversed(down)]  # fmt: skip
+    config.setdefault("sample_size", UNetConfig.sample_size)  # (unused)
+    unet = unet_config_from_diffusers(
+        config | {"up_block_types": up, "out_channels": config["in_channels"]}
+    )
+    hint = config.get("conditioning_embedding_out_channels") or (16, 32, 96, 256)
+    return ControlNetConfig(
+        **dataclasses.asdict(unet),
+        conditioning_channels=config.get("conditioning_channels", 3),
+        conditioning_embedding_out_channels=tuple(hint),
+    )
+
+
+def controlnet_state_dict_from_diffusers(state: dict) -> dict:
+    """Rename a `ControlNetModel` state dict into `ControlNet`'s names (tensors
+    shared): "controlnet_down_blocks.3.weight" -> "zero_convs.3.weight"."""
+    return {rename_parts(k, CONTROLNET_RENAMES): v for k, v in state.items()}
+
+
+def controlnet_state_dict_to_diffusers(state: dict) -> dict:
+    """`ControlNet`'s state dict in `ControlNetModel`'s names (tensors shared)."""
+    return {rename_parts(k, CONTROLNET_RENAMES, reverse=True): v
+            for k, v in state.items()}  # fmt: skip
+
+
+def controlnet_from_diffusers(model):
+    """Port a diffusers `ControlNetModel` into an equal sdscratch `ControlNet`.
+
+    Args:
+        model: the diffusers model (e.g. `ControlNetModel.from_pretrained(
+            "lllyasviel/sd-controlnet-canny")`).
+    Returns:
+        A `ControlNet` in eval mode with the same weights, dtype and device.
+    """
+    from sdscratch.controlnet import ControlNet
+
+    parameter = next(model.parameters())
+    with torch.device("meta"):
+        controlnet = ControlNet(controlnet_config_from_diffusers(model.config))
+    state = controlnet_state_dict_from_diffusers(model.state_dict())
+    state = {key: value.clone() for key, value in state.items()}  # a copy, not a view
+    controlnet.load_state_dict(state, strict=True, assign=True)
+    return controlnet.to(parameter.device, parameter.dtype).eval()
+
+
+def controlnet_to_diffusers(controlnet):
+    """A diffusers `ControlNetModel` holding copies of a `ControlNet`'s weights."""
+    from diffusers import ControlNetModel
+
+    from sdscratch.export import unet_config_to_diffusers
+
+    c = controlnet.config
+    config = unet_config_to_diffusers(c)
+    for unused in ("sample_size", "out_channels", "up_block_types"):
+        del config[unused]
+    config |= dict(
+        conditioning_channels=c.conditioning_channels,
+        conditioning_embedding_out_channels=tuple(c.conditioning_embedding_out_channels),
+    )
+    with torch.device("meta"):
+        model = ControlNetModel(**config)
+    state = controlnet_state_dict_to_diffusers(controlnet.state_dict())
+    state = {key: value.detach().clone() for key, value in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()

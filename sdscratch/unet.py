@@ -192,7 +192,14 @@ class UNet(nn.Module):
         self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, widths[0], eps=1e-5)
         self.conv_out = nn.Conv2d(widths[0], c.out_channels, 3, padding=1)
 
-    def forward(self, x, t, context=None):
+    def forward(
+        self,
+        x,
+        t,
+        context=None,
+        down_block_additional_residuals=None,
+        mid_block_additional_residual=None,
+    ):
         """Predict the noise.
 
         Args:
@@ -200,6 +207,10 @@ class UNet(nn.Module):
             t: (B,) timesteps, or one python number / 0-d tensor for the whole batch.
             context: (B, L, cross_attention_dim) text hidden states; None if the
                 model is unconditional.
+            down_block_additional_residuals: a ControlNet's residuals, one per skip
+                in the order the skips are made, each added to its skip.
+            mid_block_additional_residual: a ControlNet's residual for the mid
+                block's output (`sdscratch.controlnet`; diffusers' names).
         Returns:
             (B, out_channels, H, W) the predicted noise ε̂.
         """
@@ -213,7 +224,11 @@ class UNet(nn.Module):
         for block in self.down_blocks:
             h, block_skips = block(h, time, context)
             skips += block_skips
+        if down_block_additional_residuals is not None:  # a ControlNet steers
+            skips = _add_residuals(skips, down_block_additional_residuals)
         h = self.mid_block(h, time, context)
+        if mid_block_additional_residual is not None:
+            h = h + mid_block_additional_residual
         for block in self.up_blocks:
             level_skips = skips[-len(block.resnets) :]
             del skips[-len(block.resnets) :]
@@ -240,3 +255,19 @@ def _batch_timesteps(t, x) -> torch.Tensor:
     if t.ndim != 1 or len(t) not in (1, len(x)):
         raise ValueError(f"t has shape {tuple(t.shape)}; expected ({len(x)},) or ().")
     return t.expand(len(x))
+
+
+def _add_residuals(skips, residuals) -> list:
+    """Each skip plus its ControlNet residual (a list of the same length)."""
+    if len(residuals) != len(skips):
+        raise ValueError(
+            f"Got {len(residuals)} down-block residuals for the UNet's {len(skips)} "
+            "skips: the ControlNet was made for another UNet."
+        )
+    for skip, residual in zip(skips, residuals):
+        if residual.shape != skip.shape:
+            raise ValueError(
+                f"A down-block residual of shape {tuple(residual.shape)} cannot be "
+                f"added to a skip of shape {tuple(skip.shape)}."
+            )
+    return [skip + residual for skip, residual in zip(skips, residuals)]
