@@ -22,7 +22,6 @@ from sdscratch.lora_files import (
     load_lora,
     load_lora_weights,
     save_lora,
-    unload_lora_weights,
 )
 from sdscratch.pipeline import StableDiffusion
 
@@ -178,7 +177,7 @@ def test_diffusers_loads_our_files_and_draws_our_images(pipe, tmp_path, format):
     reference.load_lora_weights(str(path), adapter_name="ours")
     assert (theirs(reference) - expected).abs().max() <= TOLERANCE
     reference.set_adapters(["ours"], adapter_weights=[0.5])
-    load_lora_weights(pipe, path, scale=0.5)
+    pipe.load_lora_weights(path, scale=0.5)
     assert (theirs(reference) - ours(pipe)).abs().max() <= TOLERANCE
 
 
@@ -267,7 +266,7 @@ def test_two_loras_at_once_as_diffusers_and_merged(pipe, tmp_path):
     assert (ours(pipe) - both).abs().max() <= 1e-5
     loras[1].detach()  # the first stays merged, the second goes
     load_lora_weights(pipe, paths[1]).detach()
-    unload_lora_weights(pipe)
+    pipe.unload_lora_weights()
     reference.unload_lora_weights()
     assert (ours(pipe) - theirs(reference)).abs().max() <= TOLERANCE
 
