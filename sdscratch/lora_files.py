@@ -24,6 +24,7 @@ a pickle (.pt, .ckpt, .bin) can run code when it is read.
 
 import collections
 import json
+import math
 import re
 from pathlib import Path
 
@@ -320,6 +321,20 @@ def kohya_state(lora: LoRA) -> tuple[dict, dict]:
 
 # ----------------------------------------------------------------------------------
 # On a pipeline
+
+
+def lora_argument(text: str) -> tuple[Path, float]:
+    """The command line's "FILE[:SCALE]" -> (FILE, SCALE), SCALE 1 if not given."""
+    path, colon, scale = text.rpartition(":")
+    try:
+        value = float(scale) if colon and path else None
+    except ValueError:  # a colon in the file's name
+        value = None
+    if value is None:
+        return Path(text), 1.0
+    if not math.isfinite(value):
+        raise LoRAError(f"--lora {text}: the scale must be a finite number.")
+    return Path(path), value
 
 
 def load_lora_weights(pipe, path, scale=1.0) -> LoRA:

@@ -7,20 +7,25 @@ the other way round; both must draw the same images.
 """
 
 import copy
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 from peft import LoraConfig, get_peft_model_state_dict
 from peft.tuners.lora import Conv2d as PeftConv2d
 from peft.tuners.lora import Linear as PeftLinear
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from conftest import run_cli
 from sdscratch.lora import LoRALayer, count_parameters, freeze, inject_lora
 from sdscratch.lora_files import (
     load_lora,
     load_lora_weights,
+    lora_argument,
     save_lora,
 )
 from sdscratch.pipeline import StableDiffusion
@@ -327,3 +332,38 @@ def test_a_file_that_does_not_fit_is_one_sentence_and_loads_nothing(pipe, tmp_pa
         assert not any(m._forward_hooks for m in pipe.unet.modules()), name
     assert torch.equal(ours(pipe), base)
     assert "pickle" in str(pytest.raises(ValueError, load_lora, pipe, "x.ckpt").value)
+
+
+# ----------------------------------------------------------------------------------
+# The command line
+
+
+def test_lora_argument_reads_file_and_scale():
+    assert lora_argument("style.safetensors") == (Path("style.safetensors"), 1.0)
+    assert lora_argument("a:b.safetensors:0.6") == (Path("a:b.safetensors"), 0.6)
+    assert lora_argument("C:\\loras\\x.safetensors") == (
+        Path("C:\\loras\\x.safetensors"),
+        1.0,
+    )
+    with pytest.raises(ValueError, match="finite"):
+        lora_argument("x.safetensors:nan")
+
+
+def test_generate_with_lora_changes_the_image_and_a_bad_file_is_one_line(
+    pipe, tmp_path
+):
+    lora = randomise_b(inject_lora(pipe, rank=4, alpha=8, text_encoder=True), std=0.2)
+    path = save_lora(lora, tmp_path / "style.safetensors", format="kohya")
+    common = ["generate", "a red circle", "--steps", 2, "--seed", 1]
+    pictures = {}
+    for name, extra in {"base": [], "lora": ["--lora", f"{path}:1.5"]}.items():
+        out = tmp_path / f"{name}.png"
+        code, printed, err = run_cli(*common, "-o", out, *extra)
+        assert code == 0, err
+        pictures[name] = np.asarray(Image.open(out), dtype=float)
+    assert np.abs(pictures["base"] - pictures["lora"]).max() > 10
+    (tmp_path / "style.ckpt").write_bytes(b"\x80\x04K\x01.")
+    for bad in (tmp_path / "style.ckpt", tmp_path / "missing.safetensors"):
+        code, _, err = run_cli(*common, "-o", tmp_path / "x.png", "--lora", bad)
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+        assert str(bad) in err

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import CLIPTokenizer
 
+from conftest import run_cli
 from sdscratch.pipeline import StableDiffusion
 from sdscratch.textual_inversion import (
     load_textual_inversion,
@@ -188,3 +189,15 @@ def test_an_embedding_that_does_not_fit_is_one_sentence_and_adds_nothing(
         pytest.raises(ValueError, load_textual_inversion, pipe, paths["width"]).value
     )
     assert "1024 wide" in message and f"{rows[1]} wide" in message
+
+
+def test_generate_with_an_embedding_and_a_wrong_width_is_one_line(pipe, tmp_path):
+    path = save_embedding(vectors(pipe, 2), "<heart>", tmp_path / "heart.safetensors")
+    common = ["generate", "a <heart> on the left", "--steps", 2]
+    code, _, err = run_cli(*common, "-o", tmp_path / "a.png", "--embedding", path)
+    assert code == 0, err
+    wide = tmp_path / "wide.safetensors"
+    save_file({"<wide>": torch.zeros(2, 1024)}, wide)
+    code, _, err = run_cli(*common, "-o", tmp_path / "b.png", "--embedding", wide)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert str(wide) in err and "1024 wide" in err
