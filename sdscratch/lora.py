@@ -18,9 +18,9 @@ model keeps its own parameters and names, saves and exports as before, and sever
 LoRAs can act at once. `merge()` adds (α / r)·B A into W itself: the same outputs,
 no extra work per step; `unmerge()` takes it out again.
 
-Layer names follow kohya's convention, which is also what LoRA files from A1111 use:
-"lora_unet_" or "lora_te_" and the layer's diffusers/transformers name with "_" for
-"." (`kohya_name`).
+A `LoRA` (what one LoRA file holds) names its layers by component and layer name
+with "_" for "." ("unet_down_blocks_0_..._attn1_to_q"); `sdscratch.lora_files`
+writes and reads them under the names diffusers and kohya use.
 """
 
 import math
@@ -29,12 +29,9 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from sdscratch.port import UNET_RENAMES, rename_parts
-
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out")  # SD's attention projections
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 COMPONENTS = ("unet", "text_encoder")
-KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 
 
 class LoRAError(ValueError):
@@ -151,32 +148,6 @@ def components(pipe_or_models) -> dict:
     return models
 
 
-def file_path(component: str, path: str) -> str:
-    """Our layer name -> the diffusers/transformers one that files use.
-
-    "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out" ->
-    "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0";
-    the text encoder's "encoder.layers.0.self_attn.q_proj" ->
-    "text_model.encoder.layers.0.self_attn.q_proj".
-    """
-    if component == "unet":
-        return rename_parts(path, UNET_RENAMES, reverse=True)
-    return "text_model." + path
-
-
-def our_path(component: str, name: str) -> str:
-    """The reverse of `file_path` (a text encoder name may lack "text_model.")."""
-    if component == "unet":
-        return rename_parts(name, UNET_RENAMES)
-    return name.removeprefix("text_model.")
-
-
-def kohya_name(component: str, path: str) -> str:
-    """The layer's name in kohya's files, e.g.
-    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"."""
-    return KOHYA_PREFIXES[component] + file_path(component, path).replace(".", "_")
-
-
 class LoRA(nn.Module):
     """A set of `LoRALayer`s over a pipeline's models: what one LoRA file holds.
 
@@ -188,9 +159,9 @@ class LoRA(nn.Module):
     def __init__(self, models: dict, changes: dict):
         super().__init__()
         self.layers = nn.ModuleDict()
-        self.where = {}  # kohya name -> (component, our layer name)
+        self.where = {}  # "unet_down_blocks_0_..." -> ("unet", "down_blocks.0....")
         for (component, path), layer in changes.items():
-            name = kohya_name(component, path)
+            name = f"{component}_{path}".replace(".", "_")
             self.layers[name] = layer
             self.where[name] = (component, path)
         self.models = models

@@ -33,15 +33,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from sdscratch.lora import (
-    LoRA,
-    LoRAError,
-    LoRALayer,
-    components,
-    file_path,
-    kohya_name,
-    our_path,
-)
+from sdscratch.lora import LoRA, LoRAError, LoRALayer, components
+from sdscratch.port import UNET_RENAMES, rename_parts
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' name for the LoraConfig json
@@ -54,6 +47,37 @@ DIFFUSERS_PARTS = {
     "lora_linear_layer.down.weight": "A", "lora_linear_layer.up.weight": "B",
 }  # fmt: skip
 KOHYA_PARTS = {"lora_down.weight": "A", "lora_up.weight": "B", "alpha": "alpha"}
+KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+
+
+# ----------------------------------------------------------------------------------
+# Names
+
+
+def file_path(component: str, path: str) -> str:
+    """Our layer name -> the diffusers/transformers one that files use.
+
+    "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out" ->
+    "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0";
+    the text encoder's "encoder.layers.0.self_attn.q_proj" ->
+    "text_model.encoder.layers.0.self_attn.q_proj".
+    """
+    if component == "unet":
+        return rename_parts(path, UNET_RENAMES, reverse=True)
+    return "text_model." + path
+
+
+def our_path(component: str, name: str) -> str:
+    """The reverse of `file_path` (a text encoder name may lack "text_model.")."""
+    if component == "unet":
+        return rename_parts(name, UNET_RENAMES)
+    return name.removeprefix("text_model.")
+
+
+def kohya_name(component: str, path: str) -> str:
+    """The layer's name in kohya's files, e.g.
+    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"."""
+    return KOHYA_PREFIXES[component] + file_path(component, path).replace(".", "_")
 
 
 # ----------------------------------------------------------------------------------
@@ -313,9 +337,10 @@ def kohya_state(lora: LoRA) -> tuple[dict, dict]:
     """(tensors, metadata) in kohya's / A1111's format."""
     state = {}
     for key, layer in lora.layers.items():
-        state[f"{key}.lora_down.weight"] = layer.lora_A.weight
-        state[f"{key}.lora_up.weight"] = layer.lora_B.weight
-        state[f"{key}.alpha"] = torch.tensor(layer.alpha)
+        name = kohya_name(*lora.where[key])
+        state[f"{name}.lora_down.weight"] = layer.lora_A.weight
+        state[f"{name}.lora_up.weight"] = layer.lora_B.weight
+        state[f"{name}.alpha"] = torch.tensor(layer.alpha)
     return state, {"ss_network_module": "networks.lora"}
 
 

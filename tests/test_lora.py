@@ -21,7 +21,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from conftest import run_cli
-from sdscratch.lora import LoRALayer, count_parameters, freeze, inject_lora
+from sdscratch.lora import (
+    UNET_TARGETS,
+    LoRALayer,
+    count_parameters,
+    freeze,
+    inject_lora,
+)
 from sdscratch.lora_files import (
     load_lora,
     load_lora_weights,
@@ -174,7 +180,11 @@ def test_only_the_lora_trains(pipe):
 @pytest.mark.parametrize("format", ["diffusers", "kohya"])
 def test_diffusers_loads_our_files_and_draws_our_images(pipe, tmp_path, format):
     reference = diffusers_of(pipe)
-    lora = randomise_b(inject_lora(pipe, rank=4, alpha=8, text_encoder=True))
+    # attention, the 1×1 conv projections and the feed-forward's two layers (their
+    # diffusers names differ from ours: ff.net.0.proj, ff.net.2)
+    targets = UNET_TARGETS + ("proj_in", "proj_out", "geglu.proj", "ff.out")
+    lora = inject_lora(pipe, rank=4, alpha=8, text_encoder=True, targets=targets)
+    randomise_b(lora)
     expected = ours(pipe)
     path = save_lora(lora, tmp_path / "lora.safetensors", format=format)
     lora.detach()
