@@ -151,6 +151,10 @@ def components(pipe_or_models) -> dict:
 class LoRA(nn.Module):
     """A set of `LoRALayer`s over a pipeline's models: what one LoRA file holds.
 
+    While attached and not merged, the change lives in the hooks only: the models'
+    `state_dict()` (so `save_pretrained`, `save_single_file`, `to_diffusers`) holds
+    the weights without it. `merge()` first to write a model with the LoRA in it.
+
     Args:
         models: {"unet": unet, "text_encoder": text_encoder} (either may be absent).
         changes: {(component, layer name): LoRALayer} for layers of those models.
