@@ -169,8 +169,11 @@ def kohya_pieces(tensors: dict, models: dict) -> dict:
                 f"{name} matches no layer of this model (another model's?)."
             )
         pieces[table[name]][KOHYA_PARTS[part]] = tensor
-    for piece in pieces.values():
+    for (component, path), piece in pieces.items():
         if "alpha" in piece:
+            if piece["alpha"].numel() != 1:
+                name = kohya_name(component, path)
+                raise LoRAError(f"{name}.alpha is not one number.")
             piece["alpha"] = float(piece["alpha"])
     return pieces
 
@@ -183,11 +186,13 @@ def diffusers_pieces(tensors: dict, metadata: dict, models: dict) -> dict:
     for key, tensor in tensors.items():
         component, _, rest = key.partition(".")
         part = next((p for p in DIFFUSERS_PARTS if rest.endswith("." + p)), None)
-        if component not in models or part is None:
+        if part is None or not rest:
             raise LoRAError(
                 f"the key {key!r} is in neither diffusers' (unet.…, text_encoder.…) "
                 "nor kohya's (lora_unet_…, lora_te_…) LoRA naming."
             )
+        if component not in models:
+            raise LoRAError(f"{key} is for a {component!r}, which this model lacks.")
         name = rest.removesuffix("." + part)
         pieces[component, our_path(component, name)][DIFFUSERS_PARTS[part]] = tensor
     for (component, path), piece in pieces.items():

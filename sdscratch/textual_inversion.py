@@ -170,7 +170,7 @@ def read_embedding(path, token=None) -> tuple[str, torch.Tensor]:
     if a1111:
         name, vectors = token or path.stem, tensors[a1111[0]]
     elif len(tensors) == 1:
-        (name, vectors), = tensors.items()  # fmt: skip
+        name, vectors = next(iter(tensors.items()))
         name = token or name
     else:
         raise EmbeddingError(

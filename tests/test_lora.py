@@ -303,6 +303,8 @@ def another_model_lora(tmp_path):
 def bad_files(pipe, tmp_path):
     lora = inject_lora(pipe, 4)
     good = load_file(save_lora(lora, tmp_path / "good.safetensors"))
+    good_kohya = load_file(save_lora(lora, tmp_path / "k.safetensors", "kohya"))
+    alpha = next(k for k in good_kohya if k.endswith(".alpha"))
     lora.detach()
     first = next(k for k in good if k.endswith("lora_B.weight"))
     files = {
@@ -311,6 +313,8 @@ def bad_files(pipe, tmp_path):
         "unknown keys": {"unet.nowhere.to_q.lora_A.weight": torch.zeros(4, 32),
                          "unet.nowhere.to_q.lora_B.weight": torch.zeros(32, 4)},
         "not lora": {"model.diffusion_model.weight": torch.zeros(3)},
+        "sdxl": {"text_encoder_2.x.lora_A.weight": torch.zeros(4, 32)},
+        "two alphas": good_kohya | {alpha: torch.ones(2)},
         "kohya unknown": {"lora_unet_nowhere.lora_down.weight": torch.zeros(4, 32)},
         "rank mismatch": good | {first: torch.zeros(32, 2)},
         "half a layer": {k: v for k, v in good.items() if k != first},
