@@ -381,3 +381,28 @@ def test_generate_with_lora_changes_the_image_and_a_bad_file_is_one_line(
         code, _, err = run_cli(*common, "-o", tmp_path / "x.png", "--lora", bad)
         assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
         assert str(bad) in err
+
+
+def test_sd_v1_layout_kohya_file_loads_in_diffusers(tmp_path):
+    """SD v1's own layout (four levels, two layers each, mid block): every name."""
+    from test_real_sd import tiny_reference
+
+    from sdscratch.data import Shapes
+    from sdscratch.tokenizer import train_bpe
+
+    captions = [Shapes("train").scene(i)[0] for i in range(300)]
+    tokenizer = train_bpe(captions, vocab_size=600, context_length=16)
+    reference = tiny_reference(tokenizer.save_pretrained(tmp_path / "tokenizer"))
+    reference.save_pretrained(tmp_path / "sd")
+    pipe = StableDiffusion.from_pretrained(tmp_path / "sd")
+    reference = diffusers_of(pipe)
+    lora = randomise_b(inject_lora(pipe, rank=2, alpha=3, text_encoder=True), std=0.2)
+    assert {path.split(".")[0] for _, path in lora.where.values()} == {
+        "down_blocks", "mid_block", "up_blocks", "encoder"
+    }  # fmt: skip
+    expected = ours(pipe)
+    path = save_lora(lora, tmp_path / "sd_v1.safetensors", format="kohya")
+    lora.detach()
+    assert (ours(pipe) - expected).abs().max() > 0.01
+    reference.load_lora_weights(str(path))
+    assert (theirs(reference) - expected).abs().max() <= TOLERANCE
