@@ -56,6 +56,7 @@ def cmd_generate(args):
     """Text-to-image (or img2img, inpainting) with a checkpoint; write one PNG."""
     import torch
 
+    from sdscratch.lora_files import lora_argument
     from sdscratch.pipeline import StableDiffusion
     from sdscratch.viz import make_grid, to_pil
 
@@ -69,6 +70,10 @@ def cmd_generate(args):
     pipe = StableDiffusion.from_pretrained(
         args.model, torch_dtype=args.dtype, device=pick_device(args.device)
     )
+    for text in args.lora:  # FILE[:SCALE]
+        pipe.load_lora_weights(*lora_argument(text))
+    for path in args.embedding:
+        pipe.load_textual_inversion(path)
     side = pipe.latent_shape[-1] * pipe.vae_scale_factor * IMAGE_SIZE_FACTOR
     image = decode_image(image, args.init_image, "RGB", side)
     mask = decode_image(mask, args.mask, "L", side)
@@ -330,6 +335,22 @@ def add_generate_command(commands):
         "--control-scale",
         type=float,
         help="ControlNet: how strongly it steers (default: 1; 0: not at all)",
+    )
+    generate.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:SCALE]",
+        help="a LoRA (diffusers' or kohya's .safetensors) used at SCALE (default: "
+        "1); repeat it for several",
+    )
+    generate.add_argument(
+        "--embedding",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a textual-inversion embedding (diffusers' or A1111's .safetensors; "
+        "A1111's token is the file's name); repeat it for several",
     )
     generate.set_defaults(func=cmd_generate)
 

@@ -143,6 +143,26 @@ class StableDiffusion:
 
         return to_diffusers(self)
 
+    def load_lora_weights(self, path, scale=1.0):
+        """Attach a LoRA file (diffusers' or kohya's format): see
+        `sdscratch.lora_files.load_lora`. Returns the `LoRA` (`.merge()`, `.scale`,
+        `.detach()`); `unload_lora_weights()` takes all of them off."""
+        from sdscratch.lora_files import load_lora_weights
+
+        return load_lora_weights(self, path, scale)
+
+    def unload_lora_weights(self):
+        from sdscratch.lora_files import unload_lora_weights
+
+        unload_lora_weights(self)
+
+    def load_textual_inversion(self, path, token=None) -> list:
+        """Add an embedding file's token (diffusers' or A1111's layout): see
+        `sdscratch.textual_inversion.load_textual_inversion`."""
+        from sdscratch.textual_inversion import load_textual_inversion
+
+        return load_textual_inversion(self, path, token)
+
     def save_pretrained(self, root, dtype=None) -> Path:
         """Write unet/, vae/, text_encoder/, tokenizer/ and the scheduler's config.
 

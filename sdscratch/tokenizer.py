@@ -15,6 +15,11 @@ representation of the text" (Sennrich et al. 2016) over UTF-8 bytes, as in GPT-2
    learned merges are applied, lowest rank first, until none applies.
 5. frame: <|startoftext|> ids <|endoftext|>, cut and padded to the context length
    (77 for Stable Diffusion; the padding token is <|endoftext|> in SD v1).
+
+Added tokens (`add_tokens`, for textual inversion's new words such as "<heart>") are
+cut out of the text first, like the special tokens, and never go through BPE; a
+token learned as several vectors ("<heart>", "<heart>_1", ...) is written as one
+word and becomes all of them, as diffusers' `maybe_convert_prompt` does.
 """
 
 import functools
@@ -124,10 +129,41 @@ class Tokenizer:
         self.id_to_token = {i: token for token, i in self.vocab.items()}
         self.bos_id, self.eos_id = self.vocab[BOS], self.vocab[EOS]
         self.pad_id = self.vocab[pad_token]
+        self.added_tokens = {}  # token -> id, after the vocabulary's ids
+        self._added_split = None
         self._cache = {}
 
     def __len__(self) -> int:
-        return len(self.vocab)
+        return len(self.vocab) + len(self.added_tokens)
+
+    def add_tokens(self, tokens) -> list[int]:
+        """Add whole-word tokens (new ids from `len(self)` on), matched in the
+        text before cleaning and BPE, as transformers' `add_tokens` does.
+
+        Returns:
+            Their ids. A token the tokenizer already has is refused.
+        """
+        tokens = [tokens] if isinstance(tokens, str) else list(tokens)
+        for token in tokens:
+            if not token or token in self.vocab or token in self.added_tokens:
+                raise ValueError(f"The tokenizer already has the token {token!r}.")
+        ids = []
+        for token in tokens:
+            ids.append(len(self))
+            self.added_tokens[token] = ids[-1]
+            self.id_to_token[ids[-1]] = token
+        longest_first = sorted(self.added_tokens, key=len, reverse=True)
+        pattern = "|".join(regex.escape(token) for token in longest_first)
+        self._added_split = regex.compile(f"({pattern})")
+        return ids
+
+    def _expand(self, token: str) -> list[str]:
+        """An added token and the vectors that follow it: "<t>", "<t>_1", ..."""
+        tokens, i = [token], 1
+        while f"{token}_{i}" in self.added_tokens:
+            tokens.append(f"{token}_{i}")
+            i += 1
+        return tokens
 
     def bpe(self, piece: str) -> list[str]:
         """Step 4: merge one piece's symbols, the lowest-ranked pair first."""
@@ -145,18 +181,24 @@ class Tokenizer:
     def tokenize(self, text: str) -> list[str]:
         """The token strings of `text`, without start and end tokens."""
         tokens = []
-        for segment in SPECIAL_SPLIT.split(text):
-            if segment in (BOS, EOS):  # typed exactly: the special token itself
-                tokens.append(segment)
+        parts = self._added_split.split(text) if self._added_split else [text]
+        for part in parts:
+            if part in self.added_tokens:
+                tokens += self._expand(part)
                 continue
-            for piece in pre_tokenize(clean(segment)):
-                tokens += self.bpe(piece)
+            for segment in SPECIAL_SPLIT.split(part):
+                if segment in (BOS, EOS):  # typed exactly: the special token itself
+                    tokens.append(segment)
+                    continue
+                for piece in pre_tokenize(clean(segment)):
+                    tokens += self.bpe(piece)
         return tokens
 
     def encode(self, text: str) -> list[int]:
         """The token ids of `text`, without start and end tokens."""
         unknown = self.eos_id  # only if a vocabulary lacks some byte
-        return [self.vocab.get(token, unknown) for token in self.tokenize(text)]
+        ids = {**self.vocab, **self.added_tokens}
+        return [ids.get(token, unknown) for token in self.tokenize(text)]
 
     def __call__(self, texts, context_length=None) -> torch.Tensor:
         """Step 5: a batch of prompts -> (B, L) long ids, framed, cut and padded.
@@ -194,10 +236,18 @@ class Tokenizer:
         are left out."""
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
         special = {self.bos_id, self.eos_id, self.pad_id}
-        text = "".join(self.id_to_token[i] for i in ids if i not in special)
         to_byte = {char: byte for byte, char in byte_to_unicode().items()}
-        data = bytes(to_byte[char] for char in text)
-        return data.decode("utf-8", errors="replace").replace(END_OF_WORD, " ").strip()
+        words = []
+        for i in ids:
+            token = self.id_to_token[i]
+            if i in special:
+                continue
+            if token in self.added_tokens:  # plain text, not byte characters
+                words.append((token + END_OF_WORD).encode("utf-8"))
+            else:
+                words.append(bytes(to_byte[char] for char in token))
+        text = b"".join(words).decode("utf-8", errors="replace")
+        return text.replace(END_OF_WORD, " ").strip()
 
     @classmethod
     def from_pretrained(cls, name_or_path) -> "Tokenizer":
@@ -214,12 +264,20 @@ class Tokenizer:
         vocab, merges = _read_vocabulary(folder)
         config_path = folder / "tokenizer_config.json"
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-        return cls(
+        tokenizer = cls(
             vocab,
             merges,
             context_length=config.get("model_max_length", 77),
             pad_token=_content(config.get("pad_token", EOS)),
         )
+        added = config.get("added_tokens_decoder", {})
+        for i in sorted(added, key=int):
+            token = _content(added[i])
+            if token not in vocab:  # transformers lists the special tokens too
+                if int(i) != len(tokenizer):
+                    raise CheckpointError(f"{config_path}: added token ids skip.")
+                tokenizer.add_tokens(token)
+        return tokenizer
 
     def save_pretrained(self, folder) -> Path:
         """Write vocab.json, merges.txt and tokenizer_config.json, in the layout that
@@ -238,6 +296,12 @@ class Tokenizer:
             "unk_token": EOS,
             "pad_token": self.pad_token,
         }
+        if self.added_tokens:  # where transformers keeps them
+            config["added_tokens_decoder"] = {
+                str(i): {"content": token, "lstrip": False, "normalized": True,
+                         "rstrip": False, "single_word": False, "special": False}
+                for token, i in self.added_tokens.items()
+            }  # fmt: skip
         config = json.dumps(config, indent=2) + "\n"
         (folder / "tokenizer_config.json").write_text(config)
         return folder
