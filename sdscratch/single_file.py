@@ -199,7 +199,10 @@ def write_single_file(pipe, path, dtype=None) -> Path:
         "configs": configs,
         "tokenizer": {"vocab": tokenizer.vocab, "merges": tokenizer.merges,
                       "context_length": tokenizer.context_length,
-                      "pad_token": tokenizer.pad_token},
+                      "pad_token": tokenizer.pad_token,
+                      # textual-inversion tokens, in the order of their ids
+                      "added_tokens": sorted(tokenizer.added_tokens,
+                                             key=tokenizer.added_tokens.get)},
         "scheduler": {**pipe.schedule.diffusers_config(),
                       "steps_offset": pipe.schedule.steps_offset,
                       "set_alpha_to_one": pipe.schedule.set_alpha_to_one},
@@ -340,6 +343,7 @@ def _from_metadata(path, text) -> tuple:
         tokenizer = Tokenizer(
             words["vocab"], words["merges"], words["context_length"], words["pad_token"]
         )
+        tokenizer.add_tokens(words.get("added_tokens", []))
     except (json.JSONDecodeError, KeyError, TypeError):
         raise CheckpointError(f"{path}: its sdscratch metadata is damaged.") from None
     return configs, tokenizer, schedule_from_config(record["scheduler"], path)

@@ -124,6 +124,15 @@ def test_a1111_file_loads_in_diffusers_and_ours(pipe, tmp_path):
     assert (expected - theirs(diffusers_of(pipe), ["a small", "a blue"])).abs().max()
 
 
+def test_a_single_file_keeps_the_new_tokens(pipe, tmp_path):
+    save_embedding(vectors(pipe, 3), "<heart>", tmp_path)
+    load_textual_inversion(pipe, tmp_path)
+    path = pipe.save_single_file(tmp_path / "model.safetensors")
+    again = StableDiffusion.from_single_file(path)
+    assert again.tokenizer.added_tokens == pipe.tokenizer.added_tokens
+    assert torch.equal(ours(again), ours(pipe))
+
+
 def test_the_vectors_matter(pipe, tmp_path):
     first, second = copy.deepcopy(pipe), pipe
     save_embedding(vectors(pipe, 1, seed=0), "<heart>", tmp_path / "a.safetensors")
