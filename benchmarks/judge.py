@@ -4,7 +4,7 @@
 
 1. Accuracy of `assets/models/shapes-judge` on the 10,000 test scenes (which it
    never saw in training), per attribute and whole scene, on the real images and on
-   mildly degraded copies (`sdscratch.metrics.degrade`: blur, colour shift, noise).
+   mildly degraded copies (`sdscratch.shapes.judge.degrade`: blur, colour shift, noise).
 2. FID between two disjoint sets of N real images, at N = 256, 512, 1,024, 2,048:
    what a perfect generator scores, the floor any model's FID must be read against.
    The first pair is `fid_floor(N)` = FID(test[:N], val[:N]), the one `evaluate`
@@ -19,15 +19,9 @@ import time
 import torch
 from _machine import machine  # benchmarks/_machine.py, beside this script
 
-from sdscratch.metrics import (
-    attribute_accuracy,
-    bundled_judge,
-    degrade,
-    fid_floor,
-    frechet_distance,
-    real_features,
-    real_images,
-)
+from sdscratch.metrics import frechet_distance
+from sdscratch.shapes.evaluate import fid_floor, real_features, real_images
+from sdscratch.shapes.judge import attribute_accuracy, bundled_judge, degrade
 
 SIZES = (256, 512, 1024, 2048)
 

@@ -14,7 +14,7 @@ import time
 import torch
 from _machine import machine  # benchmarks/_machine.py, beside this script
 
-from sdscratch.data import Shapes, collate
+from sdscratch.shapes.data import Shapes, collate
 
 TARGET = 2000  # images per second at 32x32, one core
 

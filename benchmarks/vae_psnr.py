@@ -15,7 +15,7 @@ import torch
 from _machine import machine  # benchmarks/_machine.py, beside this script
 
 from sdscratch.checkpoint import load_component, resolve, verify
-from sdscratch.data import Shapes
+from sdscratch.shapes.data import Shapes
 from sdscratch.vae import VAE, VAEConfig, psnr
 
 TARGET = 30.0  # dB, 32x32 images through 8x8x4 latents

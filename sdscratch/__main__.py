@@ -367,12 +367,17 @@ def cmd_train(args):
 def cmd_evaluate(args):
     import json
 
-    from sdscratch.metrics import evaluate_model
+    from sdscratch.shapes.evaluate import evaluate_model
 
     result = evaluate_model(
-        args.model, args.samples, args.sampler, args.steps, args.guidance,
-        args.seed, args.batch_size,
-    )  # fmt: skip
+        args.model,
+        args.samples,
+        args.sampler,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
     settings = {key: getattr(args, key) for key in ("model", "samples", "sampler")}
     settings |= {key: getattr(args, key) for key in ("steps", "guidance", "seed")}
     print(json.dumps(settings | result))
@@ -410,7 +415,7 @@ def add_evaluate_command(commands):
         help="classifier-free guidance scale (default: 7.5)",
     )
     evaluate.add_argument(
-        "--seed", type=seed, default=0, help="seed of the noise; batch b uses seed + b"
+        "--seed", type=seed, default=0, help="seed of the noise (default: 0)"
     )
     evaluate.add_argument(
         "--batch-size",

@@ -45,7 +45,7 @@ def _ldm_text(sampler, karras, steps):
 
 def _scene_image():
     """A Shapes test scene, (1, 3, 32, 32) in [-1, 1]."""
-    from sdscratch.data import Shapes
+    from sdscratch.shapes.data import Shapes
 
     return Shapes("test")[3][0][None]
 
@@ -115,7 +115,7 @@ def _pixel_text():
 
 def _vae_reconstruction():
     from sdscratch.checkpoint import load_component, resolve, verify
-    from sdscratch.data import Shapes
+    from sdscratch.shapes.data import Shapes
     from sdscratch.vae import VAE, VAEConfig
 
     root = resolve("shapes-vae")

@@ -49,8 +49,8 @@ def tiny_checkpoint(root):
     """Write a tiny random text-to-image checkpoint into `root`; return it."""
     from sdscratch.checkpoint import write_manifest
     from sdscratch.clip import TextEncoder, TextEncoderConfig
-    from sdscratch.data import Shapes
     from sdscratch.pipeline import StableDiffusion
+    from sdscratch.shapes.data import Shapes
     from sdscratch.tokenizer import train_bpe
     from sdscratch.unet import UNet, UNetConfig
     from sdscratch.vae import VAE, VAEConfig

@@ -15,12 +15,12 @@ from sdscratch.clip import (
     ImageEncoderConfig,
     TextEncoder,
     TextEncoderConfig,
-    caption_choices,
     contrastive_loss,
 )
-from sdscratch.data import Shapes
 from sdscratch.port import text_encoder_from_transformers
 from sdscratch.recipes import run_recipe
+from sdscratch.shapes.data import Shapes
+from sdscratch.shapes.zero_shot import caption_choices
 
 TINY_CONFIGS = {
     "quick_gelu": dict(

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from transformers import CLIPTokenizer
 
-from sdscratch.data import Shapes
+from sdscratch.shapes.data import Shapes
 from sdscratch.tokenizer import Tokenizer, byte_to_unicode
 
 WHEEL = "open_clip_torch-*.whl"

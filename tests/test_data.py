@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdscratch.data import (
+from sdscratch.shapes.data import (
     BACKGROUND,
     COLOURS,
     ONE_OBJECT_TEMPLATES,
@@ -110,7 +110,7 @@ def test_same_seed_split_index_gives_the_same_bytes_in_any_order():
 
 def test_same_bytes_in_another_process():
     code = (
-        "import hashlib; from sdscratch.data import Shapes; "
+        "import hashlib; from sdscratch.shapes.data import Shapes; "
         "print(hashlib.sha256(Shapes('train')[123][0].numpy().tobytes()).hexdigest())"
     )
     out = subprocess.run(

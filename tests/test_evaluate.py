@@ -6,25 +6,22 @@ import pytest
 import torch
 
 from conftest import run_cli
-from sdscratch.metrics import (
-    Judge,
-    JudgeConfig,
+from sdscratch.metrics import frechet_distance
+from sdscratch.pipeline import StableDiffusion
+from sdscratch.shapes.evaluate import (
     evaluate_model,
     evaluation_prompts,
     fid_floor,
-    frechet_distance,
-    image_features,
-    prompt_accuracy,
     real_features,
     real_images,
 )
-from sdscratch.pipeline import StableDiffusion
+from sdscratch.shapes.judge import Judge, JudgeConfig, image_features, prompt_accuracy
 
 
 def tiny_pipeline() -> StableDiffusion:
     """A random text-to-image pipeline: 16×16 images from 4×4 latents."""
     from sdscratch.clip import TextEncoder, TextEncoderConfig
-    from sdscratch.data import Shapes
+    from sdscratch.shapes.data import Shapes
     from sdscratch.tokenizer import train_bpe
     from sdscratch.unet import UNet, UNetConfig
     from sdscratch.vae import VAE, VAEConfig
@@ -68,17 +65,18 @@ def test_evaluate_model_scores_every_prompt_once(checkpoint):
     from test_metrics import tiny_clip
 
     judge, clip = random_judge(), tiny_clip()
-    options = dict(samples=6, steps=2, batch_size=4, judge=judge, clip=clip,
-                   progress=False)  # fmt: skip
+    options = dict(samples=6, num_inference_steps=2, batch_size=4, judge=judge,
+                   clip=clip, progress=False)  # fmt: skip
     result = evaluate_model(checkpoint, **options)
     assert result["one_object_prompts"] + result["two_object_prompts"] == 6
-    # the same images again, drawn here: batches of 4 prompts, batch b from seed b
+    # the same images again, drawn here: batches of 4 prompts, one generator
     pipe, (captions, scenes) = StableDiffusion.from_pretrained(checkpoint), \
         evaluation_prompts(6)  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
     images = torch.cat([
         pipe(captions[s : s + 4], num_inference_steps=2, output_type="pt",
-             generator=torch.Generator().manual_seed(b))
-        for b, s in enumerate(range(0, 6, 4))
+             generator=generator)
+        for s in range(0, 6, 4)
     ])  # fmt: skip
     for count, key in ((1, "prompt_accuracy_one_object"),
                        (2, "prompt_accuracy_two_objects")):  # fmt: skip
@@ -101,12 +99,34 @@ def test_evaluate_model_scores_every_prompt_once(checkpoint):
     assert other["fid"] != result["fid"]
 
 
+def test_evaluate_model_images_do_not_depend_on_the_batch_size(checkpoint):
+    """One generator for all the noise: with ddim, batches of 4 or of 5 prompts
+    give the same images, so the same figures."""
+    from test_metrics import tiny_clip
+
+    options = dict(samples=7, num_inference_steps=2, judge=random_judge(),
+                   clip=tiny_clip(), progress=False)  # fmt: skip
+    fours = evaluate_model(checkpoint, batch_size=4, **options)
+    fives = evaluate_model(checkpoint, batch_size=5, **options)
+    for key in ("prompt_accuracy_one_object", "prompt_accuracy_two_objects", "fid",
+                "clip_score"):  # fmt: skip
+        assert fours[key] == fives[key], key
+
+
+def test_evaluate_model_speaks_the_pipelines_keywords(checkpoint):
+    with pytest.raises(ValueError, match="guidance_scale must be 0 or more"):
+        evaluate_model(checkpoint, samples=2, guidance_scale=-1.0)
+    with pytest.raises(TypeError, match="steps"):
+        evaluate_model(checkpoint, samples=2, steps=2)  # the old name is gone
+
+
 class PerfectPipeline(StableDiffusion):
     """Draws each prompt's own test scene: what a perfect model could give."""
 
-    def __init__(self, n):
-        self.images = real_images(n, "test")[0]
-        self.captions = evaluation_prompts(n)[0]  # canonical captions of those scenes
+    def __init__(self, n, scenes=0):
+        self.images = real_images(n, "test", seed=scenes)[0]
+        # the canonical captions of those scenes
+        self.captions = evaluation_prompts(n, seed=scenes)[0]
         self.schedule, self.calls, self.done = None, [], 0
 
     def __call__(self, prompts, **options):
@@ -121,8 +141,8 @@ def test_a_perfect_model_is_always_right_and_scores_the_floor():
 
     pipe = PerfectPipeline(40)
     result = evaluate_model(
-        pipe, samples=40, sampler="euler", steps=3, guidance=2.0, batch_size=16,
-        clip=tiny_clip(), progress=False,
+        pipe, samples=40, sampler="euler", num_inference_steps=3, guidance_scale=2.0,
+        batch_size=16, clip=tiny_clip(), progress=False,
     )  # fmt: skip
     assert result["prompt_accuracy_one_object"] == 1
     assert result["prompt_accuracy_two_objects"] == 1
@@ -132,6 +152,19 @@ def test_a_perfect_model_is_always_right_and_scores_the_floor():
     call = pipe.calls[0]
     assert (call["sampler"], call["num_inference_steps"]) == ("euler", 3)
     assert call["guidance_scale"] == 2.0
+
+
+def test_evaluate_model_draws_prompts_and_real_images_from_the_scenes_seed():
+    from test_metrics import tiny_clip
+
+    pipe = PerfectPipeline(20, scenes=1)  # asserts that it is asked seed 1's prompts
+    result = evaluate_model(pipe, samples=20, scenes=1, clip=tiny_clip(),
+                            progress=False)  # fmt: skip
+    assert result["prompt_accuracy_one_object"] == 1
+    assert result["prompt_accuracy_two_objects"] == 1
+    assert result["fid"] == pytest.approx(result["fid_floor"], rel=1e-9)
+    assert result["fid_floor"] == pytest.approx(fid_floor(20, seed=1), rel=1e-9)
+    assert result["fid_floor"] != pytest.approx(fid_floor(20), rel=1e-3)
 
 
 def evaluate(*args):

@@ -8,8 +8,23 @@ import scipy.ndimage
 import torch
 
 from sdscratch import assets_dir
-from sdscratch.data import Shapes, parse_caption, render, render_batch, strip_geometry
-from sdscratch.metrics import (
+from sdscratch.metrics import clip_score, frechet_distance
+from sdscratch.recipes import run_recipe
+from sdscratch.shapes.data import (
+    Shapes,
+    parse_caption,
+    render,
+    render_batch,
+    strip_geometry,
+)
+from sdscratch.shapes.evaluate import (
+    evaluate_samples,
+    evaluation_prompts,
+    fid_floor,
+    real_features,
+    real_images,
+)
+from sdscratch.shapes.judge import (
     SLOTS,
     Judge,
     JudgeConfig,
@@ -17,20 +32,12 @@ from sdscratch.metrics import (
     bundled_judge,
     canonical,
     check,
-    clip_score,
     degrade,
-    evaluate_samples,
-    evaluation_prompts,
-    fid_floor,
-    frechet_distance,
     gaussian_blur,
     image_features,
     prompt_accuracy,
-    real_features,
-    real_images,
     slot_targets,
 )
-from sdscratch.recipes import run_recipe
 from sdscratch.viz import to_pil
 
 JUDGE = assets_dir() / "models" / "shapes-judge"

@@ -22,7 +22,6 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from conftest import randomise
 from sdscratch.checkpoint import CheckpointError, write_manifest
-from sdscratch.data import Shapes
 from sdscratch.pipeline import StableDiffusion
 from sdscratch.port import (
     text_encoder_from_transformers,
@@ -31,6 +30,7 @@ from sdscratch.port import (
 )
 from sdscratch.samplers import noise_levels
 from sdscratch.schedules import NoiseSchedule
+from sdscratch.shapes.data import Shapes
 from sdscratch.tokenizer import train_bpe
 from sdscratch.viz import to_pil
 

@@ -28,8 +28,8 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from conftest import randomise, run_cli
-from sdscratch.data import Shapes
 from sdscratch.pipeline import StableDiffusion
+from sdscratch.shapes.data import Shapes
 from sdscratch.single_file import infer_configs
 from sdscratch.tokenizer import train_bpe
 

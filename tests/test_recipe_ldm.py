@@ -13,8 +13,8 @@ import torch
 from sdscratch import recipes
 from sdscratch.checkpoint import read_manifest, save_component, verify, write_manifest
 from sdscratch.clip import TextEncoder, TextEncoderConfig
-from sdscratch.data import Shapes
 from sdscratch.pipeline import StableDiffusion
+from sdscratch.shapes.data import Shapes
 from sdscratch.tokenizer import train_bpe
 from sdscratch.vae import VAE, VAEConfig
 

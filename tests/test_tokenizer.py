@@ -8,7 +8,7 @@ import torch
 from transformers import CLIPTokenizer
 
 from sdscratch import assets_dir
-from sdscratch.data import Shapes, vocabulary
+from sdscratch.shapes.data import Shapes, vocabulary
 from sdscratch.tokenizer import BOS, EOS, Tokenizer, clean, pre_tokenize, train_bpe
 
 CORPUS = """\

@@ -127,8 +127,8 @@ def test_pixel_uncond_recipe_runs_and_writes_a_loadable_checkpoint(tmp_path):
     quality = manifest["quality"]
     # the held-out loss of the stored UNet, measured again: the val split's first
     # 512 scenes, noise from seed + 2
-    from sdscratch.data import Shapes
     from sdscratch.schedules import NoiseSchedule
+    from sdscratch.shapes.data import Shapes
     from sdscratch.train import diffusion_loss
 
     images = Shapes("val", seed=0, length=512).batch(range(512))[0]
@@ -141,11 +141,11 @@ def test_pixel_uncond_recipe_runs_and_writes_a_loadable_checkpoint(tmp_path):
 
 
 def test_pixel_text_recipe_runs_and_bundles_its_text_encoder(tmp_path, monkeypatch):
-    import sdscratch.metrics
     import sdscratch.recipes.pixel
+    import sdscratch.shapes.judge
     from sdscratch.checkpoint import verify
-    from sdscratch.metrics import evaluation_prompts
     from sdscratch.recipes import run_recipe
+    from sdscratch.shapes.evaluate import evaluation_prompts
 
     measured = []
 
@@ -153,7 +153,7 @@ def test_pixel_text_recipe_runs_and_bundles_its_text_encoder(tmp_path, monkeypat
         measured.append((images, scenes, accuracy(images, scenes, judge)))
         return measured[-1][2]
 
-    accuracy = sdscratch.metrics.prompt_accuracy
+    accuracy = sdscratch.shapes.judge.prompt_accuracy
     monkeypatch.setattr(sdscratch.recipes.pixel, "prompt_accuracy", recording)
     manifest = run_recipe("pixel-text", out=tmp_path, steps=2)
     assert verify(tmp_path) == manifest
@@ -172,9 +172,9 @@ def test_bundled_pixel_text_loads_and_draws_the_prompted_colour():
     colour their prompt names."""
     from sdscratch.checkpoint import resolve, verify
     from sdscratch.clip import TextEncoder, TextEncoderConfig
-    from sdscratch.data import COLOURS
     from sdscratch.recipes import guided
     from sdscratch.samplers import sample
+    from sdscratch.shapes.data import COLOURS
     from sdscratch.tokenizer import Tokenizer
 
     folder = resolve("shapes-pixel-text")

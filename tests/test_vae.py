@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sdscratch.data import Shapes
+from sdscratch.shapes.data import Shapes
 from sdscratch.vae import (
     VAE,
     DiagonalGaussian,

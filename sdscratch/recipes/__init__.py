@@ -9,7 +9,7 @@ short runs and tests); it returns the quality it measured, as a dict. Together t
 recipes run in 60 minutes or less on a 2-core CPU.
 
     common  the registry, `run_recipe`, threads, seeds and the manifest's keys
-    judge   shapes-judge, the attribute classifier of sdscratch.metrics
+    judge   shapes-judge, the attribute classifier of sdscratch.shapes.judge
     vae     shapes-vae, the autoencoder of the latent model
     clip    shapes-clip, the tokenizer, text encoder and image encoder
     pixel   shapes-pixel-uncond and shapes-pixel-text, UNets on pixels

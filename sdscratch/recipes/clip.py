@@ -15,11 +15,10 @@ from sdscratch.clip import (
     TextEncoder,
     TextEncoderConfig,
     contrastive_loss,
-    scene_edits,
-    zero_shot_accuracy,
 )
-from sdscratch.data import Shapes, caption, vocabulary
 from sdscratch.recipes.common import mean_of_last, recipe, scenes_seed, seeded
+from sdscratch.shapes.data import Shapes, caption, vocabulary
+from sdscratch.shapes.zero_shot import scene_edits, zero_shot_accuracy
 from sdscratch.tokenizer import train_bpe
 from sdscratch.train import fit
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from sdscratch.checkpoint import write_manifest
-from sdscratch.data import Shapes
+from sdscratch.shapes.data import Shapes
 
 RECIPES = {}  # name -> (fn(out, seed, steps) -> quality dict, default folder name)
 TRAINED = Path("trained")  # where `train` writes by default: trained/<folder>

@@ -1,4 +1,4 @@
-"""judge: the attribute classifier that scores generated images (sdscratch.metrics).
+"""judge: the attribute classifier that scores generated images (sdscratch.shapes).
 
 Trained on real Shapes images, each mildly degraded (blur, colour shift, noise) so that
 it stays fair to generated ones; checked on test scenes, which it never saw.
@@ -7,16 +7,16 @@ it stays fair to generated ones; checked on test scenes, which it never saw.
 import torch
 
 from sdscratch.checkpoint import save_component
-from sdscratch.data import Shapes, collate
-from sdscratch.metrics import (
+from sdscratch.recipes.common import mean_of_last, recipe, scenes_seed, seeded
+from sdscratch.shapes.data import Shapes, collate
+from sdscratch.shapes.evaluate import real_images
+from sdscratch.shapes.judge import (
     Judge,
     JudgeConfig,
     attribute_accuracy,
     degrade,
     judge_loss,
-    real_images,
 )
-from sdscratch.recipes.common import mean_of_last, recipe, scenes_seed, seeded
 from sdscratch.train import fit
 
 JUDGE_STEPS, JUDGE_BATCH, JUDGE_LR = 600, 128, 3e-3

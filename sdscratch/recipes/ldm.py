@@ -14,18 +14,11 @@ import torch
 
 from sdscratch.checkpoint import load_component, resolve, save_component, verify
 from sdscratch.clip import TextEncoder, TextEncoderConfig
-from sdscratch.data import Shapes
-from sdscratch.metrics import (
-    evaluation_prompts,
-    fid_floor,
-    frechet_distance,
-    image_features,
-    prompt_accuracy,
-    real_features,
-)
 from sdscratch.pipeline import StableDiffusion, write_schedule
 from sdscratch.recipes.common import mean_of_last, recipe, scenes_seed, seeded
 from sdscratch.schedules import NoiseSchedule
+from sdscratch.shapes.data import Shapes
+from sdscratch.shapes.evaluate import evaluate_model
 from sdscratch.tokenizer import Tokenizer
 from sdscratch.train import EMA, diffusion_loss, fit
 from sdscratch.unet import UNet, UNetConfig
@@ -169,11 +162,12 @@ def _fit_latent_unet(unet, schedule, posteriors, text, steps, seed):
 
 
 def measure_ldm(pipe, seed, n=LDM_EVAL, settings=LDM_EVAL_SETTINGS, scenes=None):
-    """Prompt accuracy (one- and two-object prompts) and FID of a pipeline.
+    """Prompt accuracy (one- and two-object prompts) and FID of a pipeline, as the
+    manifest records them: `sdscratch.shapes.evaluate.evaluate_model`'s figures.
 
     The prompts are the canonical captions of the test split's first n scenes; FID
     compares with the val split's first n images, next to the real-vs-real floor at
-    the same n (sdscratch.metrics' convention).
+    the same n.
 
     Args:
         seed: the seed of the sampling noise.
@@ -181,22 +175,13 @@ def measure_ldm(pipe, seed, n=LDM_EVAL, settings=LDM_EVAL_SETTINGS, scenes=None)
             `seed`).
     """
     scenes = seed if scenes is None else scenes
-    captions, attrs = evaluation_prompts(n, seed=scenes)
-    generator = torch.Generator().manual_seed(seed)
-    images = torch.cat([
-        pipe(captions[i : i + 250], generator=generator, output_type="pt", **settings)
-        for i in range(0, n, 250)
-    ])  # fmt: skip
-    accuracy = {}
-    for k in (1, 2):
-        chosen = [i for i, scene in enumerate(attrs) if len(scene["objects"]) == k]
-        accuracy[k] = prompt_accuracy(images[chosen], [attrs[i] for i in chosen])
-    fid = frechet_distance(image_features(images), real_features(n, "val", scenes))
+    result = evaluate_model(pipe, n, seed=seed, batch_size=250, scenes=scenes,
+                            progress=False, **settings)  # fmt: skip
     return {
-        "prompt_accuracy_one_object": round(accuracy[1], 4),
-        "prompt_accuracy_two_objects": round(accuracy[2], 4),
-        "fid": round(fid, 2),
-        "fid_real_vs_real": round(fid_floor(n, seed=scenes), 2),
+        "prompt_accuracy_one_object": round(result["prompt_accuracy_one_object"], 4),
+        "prompt_accuracy_two_objects": round(result["prompt_accuracy_two_objects"], 4),
+        "fid": round(result["fid"], 2),
+        "fid_real_vs_real": round(result["fid_floor"], 2),
         "eval_images": n,
         **{f"eval_{key}": value for key, value in settings.items()},
     }

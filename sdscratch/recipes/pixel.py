@@ -13,15 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from sdscratch.checkpoint import load_component, resolve, save_component, verify
 from sdscratch.clip import TextEncoder, TextEncoderConfig
-from sdscratch.data import BACKGROUND, COLOURS
-from sdscratch.metrics import (
-    evaluation_prompts,
-    fid_floor,
-    frechet_distance,
-    image_features,
-    prompt_accuracy,
-    real_features,
-)
+from sdscratch.metrics import frechet_distance
 from sdscratch.pipeline import classifier_free_guidance
 from sdscratch.recipes.common import (
     first_scenes,
@@ -32,6 +24,9 @@ from sdscratch.recipes.common import (
 )
 from sdscratch.samplers import sample
 from sdscratch.schedules import NoiseSchedule
+from sdscratch.shapes.data import BACKGROUND, COLOURS
+from sdscratch.shapes.evaluate import evaluation_prompts, fid_floor, real_features
+from sdscratch.shapes.judge import image_features, prompt_accuracy
 from sdscratch.tokenizer import Tokenizer
 from sdscratch.train import EMA, diffusion_loss, fit
 from sdscratch.unet import UNet, UNetConfig

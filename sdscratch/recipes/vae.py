@@ -8,7 +8,6 @@ the reconstruction PSNR on held-out scenes.
 import torch
 
 from sdscratch.checkpoint import load_component, save_component
-from sdscratch.data import Shapes, collate
 from sdscratch.recipes.common import (
     first_scenes,
     mean_of_last,
@@ -16,6 +15,7 @@ from sdscratch.recipes.common import (
     scenes_seed,
     seeded,
 )
+from sdscratch.shapes.data import Shapes, collate
 from sdscratch.train import fit
 from sdscratch.vae import VAE, VAEConfig, measure_scaling_factor, psnr, vae_loss
 

@@ -1,0 +1,188 @@
+"""Evaluating a text-to-image model on Shapes: prompt accuracy, FID and CLIP score.
+
+The convention: prompts come from the test split, the real images FID compares
+against from the val split, so a perfect generator scores the real-vs-real floor,
+FID(test[:n], val[:n]). `evaluate_model` is the one evaluation path: what
+`python -m sdscratch evaluate` prints, and what the ldm recipe writes into its
+manifest.
+"""
+
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from sdscratch.metrics import as_tensor, bundled_clip, clip_score, frechet_distance
+from sdscratch.pipeline import StableDiffusion
+from sdscratch.samplers import noise_levels
+from sdscratch.shapes.data import Shapes, canonical_caption, strip_geometry
+from sdscratch.shapes.judge import attribute_accuracy, bundled_judge, image_features
+
+# ----------------------------------------------------------------------------------
+# Real images and prompts
+
+
+def real_images(n, split="val", seed=0, offset=0) -> tuple[torch.Tensor, list, list]:
+    """Scenes offset … offset + n − 1 of a Shapes split: (images, captions, attrs)."""
+    return Shapes(split, seed=seed).batch(range(offset, offset + n))
+
+
+def real_features(n, split="val", seed=0, offset=0, judge=None) -> torch.Tensor:
+    """The judge's features (n, hidden) of n real scenes of a split, drawn in chunks."""
+    chunks = []
+    for start in range(offset, offset + n, 1000):
+        images, _, _ = real_images(min(1000, offset + n - start), split, seed, start)
+        chunks.append(image_features(images, judge))
+    return torch.cat(chunks)
+
+
+def fid_floor(n, judge=None, seed=0) -> float:
+    """FID between two disjoint sets of n real images (test[:n] and val[:n]).
+
+    What a perfect generator scores at this n: FID is biased upwards at small n
+    (Chong & Forsyth 2020), so a model's FID means something only next to this.
+    """
+    test = real_features(n, "test", seed, judge=judge)
+    return frechet_distance(test, real_features(n, "val", seed, judge=judge))
+
+
+def evaluation_prompts(n, objects=None, split="test", seed=0) -> tuple[list, list]:
+    """The first n scenes of a split as prompts: (canonical captions, attrs).
+
+    Args:
+        objects: 1 or 2 to keep only scenes with that many objects; None: all.
+        seed: Shapes' seed of the scenes (the course's dataset: 0).
+    Returns:
+        n captions ("a small red circle on the left") and their attrs, without
+        geometry (what the caption says, and what `prompt_accuracy` checks).
+    """
+    dataset, captions, scenes = Shapes(split, seed=seed), [], []
+    for i in range(len(dataset)):
+        if len(scenes) == n:
+            break
+        attrs = strip_geometry(dataset.scene(i)[1])
+        if objects is None or len(attrs["objects"]) == objects:
+            captions.append(canonical_caption(attrs))
+            scenes.append(attrs)
+    if len(scenes) < n:
+        raise ValueError(f"The {split} split has only {len(scenes)} such scenes.")
+    return captions, scenes
+
+
+# ----------------------------------------------------------------------------------
+# Everything at once
+
+
+def evaluate_samples(images, captions, scenes, reference=None, judge=None, clip=None):
+    """Prompt accuracy (one- and two-object prompts apart), FID and CLIP score.
+
+    Args:
+        images: N generated images ((N, 3, H, W) in [-1, 1] or PIL), image i for
+            prompt i.
+        captions: the N prompts.
+        scenes: their N attrs (what `evaluation_prompts` returns).
+        reference: (M, hidden) features of real images for FID (default: the first
+            N of the val split); compare the FID with `fid_floor(N)`.
+        judge, clip: a `Judge` and a `CLIP` (default: the bundled ones).
+    Returns:
+        {"prompt_accuracy_one_object": float, "prompt_accuracy_two_objects": float,
+         "attributes_one_object": {attribute: float}, "attributes_two_objects": …,
+         "fid": float, "clip_score": float}.
+    """
+    images = as_tensor(images)
+    judge = judge or bundled_judge()
+    if reference is None:
+        reference = real_features(len(images), "val", judge=judge)
+    result = {}
+    for count, name in ((1, "one_object"), (2, "two_objects")):
+        keep = [i for i, attrs in enumerate(scenes) if len(attrs["objects"]) == count]
+        if keep:
+            right = attribute_accuracy(images[keep], [scenes[i] for i in keep], judge)
+            result[f"prompt_accuracy_{name}"] = right["scene"]
+            result[f"attributes_{name}"] = right
+    result["fid"] = frechet_distance(image_features(images, judge), reference)
+    result["clip_score"] = clip_score(images, captions, clip)
+    return result
+
+
+def evaluate_model(
+    model="shapes-ldm",
+    samples=1000,
+    sampler="ddim",
+    num_inference_steps=20,
+    guidance_scale=7.5,
+    seed=0,
+    batch_size=50,
+    scenes=0,
+    judge=None,
+    clip=None,
+    progress=True,
+) -> dict:
+    """Generate one image for each of the first `samples` test prompts, and score them.
+
+    The prompts are `evaluation_prompts` (one- and two-object scenes as the test
+    split mixes them); FID compares with the first `samples` val images and is
+    reported next to `fid_floor(samples)`. All the noise comes from one generator
+    seeded with `seed`, batch after batch, so with a deterministic sampler (ddim)
+    the images do not depend on `batch_size`.
+
+    Args:
+        model: a `StableDiffusion`, or a bundled name or folder to load one from.
+        samples: N, the number of prompts and images.
+        sampler, num_inference_steps, guidance_scale: the pipeline's.
+        seed: seeds the one generator of all the noise.
+        batch_size: prompts per pipeline call.
+        scenes: Shapes' seed of the prompts' and the real images' scenes (the
+            course's dataset: 0).
+        judge, clip: a `Judge` and a `CLIP` (default: the bundled ones).
+    Returns:
+        `evaluate_samples`' figures, plus "fid_floor", the numbers of one- and
+        two-object prompts, and "seconds_per_image" and "cpu_seconds_per_image" of
+        the generation alone (CPU seconds are summed over threads).
+    """
+    if samples < 2:
+        raise ValueError("FID needs at least two images: ask for 2 samples or more.")
+    if not guidance_scale >= 0:
+        raise ValueError(f"guidance_scale must be 0 or more, got {guidance_scale!r}.")
+    pipe = model
+    if not isinstance(pipe, StableDiffusion):
+        pipe = StableDiffusion.from_pretrained(model)
+    noise_levels(sampler, num_inference_steps, pipe.schedule)  # a bad sampler: now
+    judge = judge or bundled_judge()
+    clip = clip or bundled_clip()  # loaded (and checked) before the long part
+    captions, attrs = evaluation_prompts(samples, seed=scenes)
+    generator = torch.Generator().manual_seed(seed)
+    settings = dict(num_inference_steps=num_inference_steps,
+                    guidance_scale=guidance_scale, sampler=sampler)  # fmt: skip
+    images, wall, cpu = _generate(
+        pipe, captions, generator, batch_size, progress, **settings
+    )  # (N, 3, H, W)
+    reference = real_features(samples, "val", scenes, judge=judge)  # (N, hidden)
+    result = evaluate_samples(images, captions, attrs, reference, judge, clip)
+    test = real_features(samples, "test", scenes, judge=judge)  # the prompts' own
+    counts = [len(scene["objects"]) for scene in attrs]
+    return {
+        "one_object_prompts": counts.count(1),
+        "two_object_prompts": counts.count(2),
+        **result,
+        "fid_floor": frechet_distance(test, reference),  # fid_floor(samples, scenes)
+        "seconds_per_image": wall / samples,
+        "cpu_seconds_per_image": cpu / samples,
+    }
+
+
+def _generate(pipe, captions, generator, batch_size, progress, **settings):
+    """The pipeline's image for each caption, batch after batch from one generator.
+
+    Returns:
+        images (N, 3, H, W) in [-1, 1] on the CPU, and the wall-clock and CPU
+        seconds it took.
+    """
+    wall, cpu = time.perf_counter(), time.process_time()
+    starts = range(0, len(captions), batch_size)
+    images = torch.cat([
+        pipe(captions[start : start + batch_size], generator=generator,
+             output_type="pt", **settings).cpu()
+        for start in tqdm(starts, desc="evaluate", disable=not progress)
+    ])  # fmt: skip
+    return images, time.perf_counter() - wall, time.process_time() - cpu
