@@ -5,10 +5,10 @@ import copy
 import pytest
 import torch
 
-from sdscratch.data import Shapes
 from sdscratch.finetune import class_images, denoising_loss, encode_examples, finetune
 from sdscratch.lora import LoRA
 from sdscratch.pipeline import StableDiffusion
+from sdscratch.shapes.data import Shapes
 from sdscratch.textual_inversion import NewTokens, token_embedding
 
 

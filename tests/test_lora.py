@@ -387,7 +387,7 @@ def test_sd_v1_layout_kohya_file_loads_in_diffusers(tmp_path):
     """SD v1's own layout (four levels, two layers each, mid block): every name."""
     from test_real_sd import tiny_reference
 
-    from sdscratch.data import Shapes
+    from sdscratch.shapes.data import Shapes
     from sdscratch.tokenizer import train_bpe
 
     captions = [Shapes("train").scene(i)[0] for i in range(300)]
