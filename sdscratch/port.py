@@ -390,7 +390,9 @@ def controlnet_to_diffusers(controlnet):
         del config[unused]
     config |= dict(
         conditioning_channels=c.conditioning_channels,
-        conditioning_embedding_out_channels=tuple(c.conditioning_embedding_out_channels),
+        conditioning_embedding_out_channels=tuple(
+            c.conditioning_embedding_out_channels
+        ),
     )
     with torch.device("meta"):
         model = ControlNetModel(**config)
