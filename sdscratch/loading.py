@@ -502,8 +502,10 @@ def schedule_from_config(config: dict, path="scheduler_config.json"):
             )
     except (KeyError, TypeError, ValueError):
         raise CheckpointError(f"{path} is not a scheduler config sdscratch reads.")
-    if not (isinstance(offset, int) and 0 <= offset < size):
+    if not (type(offset) is int and 0 <= offset < size):
         raise CheckpointError(f"{path} sets steps_offset={offset!r}, not in [0, T).")
+    if to_one is not None and not isinstance(to_one, bool):
+        raise CheckpointError(f"{path} sets set_alpha_to_one={to_one!r}, not a bool.")
     schedule.steps_offset = offset
     schedule.set_alpha_to_one = bool(True if to_one is None else to_one)
     return schedule
