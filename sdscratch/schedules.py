@@ -31,9 +31,12 @@ class NoiseSchedule:
         beta_start, beta_end: the schedule's end points (ignored by "cosine").
 
     Two settings of diffusers' schedulers travel with the schedule (SD v1's values
-    by default): `steps_offset`, added to ddpm's and ddim's timesteps (1: they run
-    981, 961, …, 1 in 50 steps, not 980, …, 0), and `set_alpha_to_one`, whether
-    ddim's last step ends at ᾱ = 1 (True) or at ᾱ_0 (False).
+    by default; a checkpoint's scheduler config sets them, see
+    `sdscratch.loading.schedule_from_config`): `steps_offset`, added to ddpm's and
+    ddim's timesteps (1: they run 981, 961, …, 1 in 50 steps, not 980, …, 0), and
+    `set_alpha_to_one`, whether ddim's last step ends at ᾱ = 1 (True) or at ᾱ_0
+    (False). The samplers that walk σ's space their timesteps over [0, T - 1]
+    and ignore both, as diffusers' Euler and DPM-Solver++ schedulers do.
     """
 
     steps_offset = 1
