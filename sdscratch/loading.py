@@ -463,6 +463,8 @@ def write_schedule(root, schedule):
         "set_alpha_to_one": schedule.set_alpha_to_one,
         "steps_offset": schedule.steps_offset,
     }
+    if schedule.timestep_spacing is not None:
+        config["timestep_spacing"] = schedule.timestep_spacing
     path.write_text(json.dumps(config, indent=2) + "\n")
 
 
@@ -508,4 +510,5 @@ def schedule_from_config(config: dict, path="scheduler_config.json"):
         raise CheckpointError(f"{path} sets set_alpha_to_one={to_one!r}, not a bool.")
     schedule.steps_offset = offset
     schedule.set_alpha_to_one = bool(True if to_one is None else to_one)
+    schedule.timestep_spacing = config.get("timestep_spacing")  # None or "leading"
     return schedule

@@ -116,6 +116,7 @@ class NoiseLevels:
     timesteps: torch.Tensor  # (N,) the timestep the model is told at each step
     sigmas: torch.Tensor  # (N + 1,) σ = √((1-ᾱ)/ᾱ) at each level
     alphas_cumprod: torch.Tensor  # (N + 1,) ᾱ = 1 / (1 + σ²) at each level
+    spacing: str = "linspace"  # how the timesteps were spaced: "leading" or this
 
     def __len__(self) -> int:
         return len(self.timesteps)
@@ -127,8 +128,13 @@ class NoiseLevels:
 
     @property
     def init_noise_sigma(self):
-        """The standard deviation of pure noise at level 0, in the sampler's form."""
-        return self.sigmas.max() if self.variance_exploding else 1.0
+        """The standard deviation of pure noise at level 0, in the sampler's form:
+        σ_max for the variance-exploding samplers, or √(σ_max² + 1) when their
+        timesteps are "leading", as diffusers' Euler schedulers have it."""
+        if not self.variance_exploding:
+            return 1.0
+        top = self.sigmas.max()
+        return (top**2 + 1) ** 0.5 if self.spacing == "leading" else top
 
     def model_input(self, x: torch.Tensor, i: int) -> torch.Tensor:
         """What the model sees at step i: always the variance-preserving x_t."""
@@ -172,20 +178,26 @@ def noise_levels(
         clean = not spec.reads_set_alpha_to_one or schedule.set_alpha_to_one
         final = torch.ones(1) if clean else abar[:1]
         levels = torch.cat([abar[timesteps], final])  # (N + 1,)
-        return NoiseLevels(sampler, timesteps, ((1 - levels) / levels) ** 0.5, levels)
+        sigmas = ((1 - levels) / levels) ** 0.5
+        return NoiseLevels(sampler, timesteps, sigmas, levels, "leading")
     timesteps, sigmas = _sigma_timesteps(spec, steps, schedule, karras)
     sigmas = torch.cat([sigmas, torch.zeros(1, dtype=sigmas.dtype)]).float()
-    return NoiseLevels(sampler, timesteps, sigmas, 1 / (1 + sigmas**2))
+    spacing = _spacing(spec, schedule)
+    return NoiseLevels(sampler, timesteps, sigmas, 1 / (1 + sigmas**2), spacing)
 
 
 def _sigma_timesteps(spec, steps, schedule, karras):
     """(N,) timesteps and (N,) σ's (float64) of a sampler that walks σ's."""
-    last = schedule.num_train_timesteps - 1
+    size, points = schedule.num_train_timesteps, _points(spec, steps)
+    if _spacing(spec, schedule) == "leading":  # from steps_offset, as ddim's
+        timesteps = torch.arange(points, dtype=torch.float64) * (size // points)
+        timesteps = timesteps.flip(0) + schedule.steps_offset
+    else:  # "linspace": evenly over [0, T - 1]
+        timesteps = torch.linspace(0, size - 1, points, dtype=torch.float64).flip(0)
     if spec.whole_timesteps:  # dpmpp_2m: N + 1 points, the t = 0 end dropped
-        timesteps = torch.linspace(0, last, steps + 1, dtype=torch.float64)
-        timesteps = timesteps.round().flip(0)[:-1].long()
+        timesteps = timesteps.round()[:-1].long()
     else:
-        timesteps = torch.linspace(0, last, steps, dtype=torch.float64).flip(0).float()
+        timesteps = timesteps.float()
     sigmas = _interp(timesteps.double(), schedule.sigmas.double())  # (N,)
     if not karras:
         return timesteps, sigmas
@@ -200,6 +212,22 @@ def _sigma_timesteps(spec, steps, schedule, karras):
     # schedule, which diffusers truncates instead.
     timesteps = timesteps if schedule.name == "cosine" else timesteps.round()
     return timesteps.long(), sigmas
+
+
+def _spacing(spec, schedule) -> str:
+    """How a sampler spaces its timesteps: "leading" (every (T // N)-th from
+    steps_offset) for ddpm and ddim, and for the others when the scheduler config
+    asks for it; else "linspace", the default of diffusers' Euler and DPM-Solver++
+    schedulers."""
+    if not spec.walks_sigmas or schedule.timestep_spacing == "leading":
+        return "leading"
+    return "linspace"
+
+
+def _points(spec, steps) -> int:
+    """How many timesteps a sampler spaces out: N, or N + 1 for a σ walker with
+    whole timesteps (dpmpp_2m, which drops the last)."""
+    return steps + 1 if spec.walks_sigmas and spec.whole_timesteps else steps
 
 
 def karras_sigmas(sigma_min, sigma_max, n, rho=7.0) -> torch.Tensor:
@@ -248,11 +276,17 @@ def _check(sampler, steps, schedule, karras) -> Sampler:
         raise ValueError(
             f"num_inference_steps must be between 1 and {size}, got {steps!r}."
         )
-    offset = schedule.steps_offset
-    if not spec.walks_sigmas and (steps - 1) * (size // steps) + offset >= size:
+    if schedule.timestep_spacing not in (None, "leading"):
         raise ValueError(
-            f"{sampler} takes at most {size - offset} steps: its timesteps start at "
-            f"{offset}."
+            f"timestep_spacing={schedule.timestep_spacing!r}: sdscratch's samplers "
+            "follow None (each sampler's own) or 'leading'."
+        )
+    offset, points = schedule.steps_offset, _points(spec, steps)
+    first = (points - 1) * (size // points) + offset  # its largest, if "leading"
+    if _spacing(spec, schedule) == "leading" and first >= size:
+        raise ValueError(
+            f"{sampler} cannot take {steps} steps: with steps_offset={offset}, its "
+            f"first timestep would be {first}, past the schedule's last, {size - 1}."
         )
     if karras and not spec.walks_sigmas:
         walkers = tuple(name for name, s in SAMPLERS.items() if s.walks_sigmas)

@@ -36,11 +36,13 @@ class NoiseSchedule:
     ddim's timesteps (1: they run 981, 961, …, 1 in 50 steps, not 980, …, 0), and
     `set_alpha_to_one`, whether ddim's last step ends at ᾱ = 1 (True) or at ᾱ_0
     (False). The samplers that walk σ's space their timesteps over [0, T - 1]
-    and ignore both, as diffusers' Euler and DPM-Solver++ schedulers do.
+    and ignore both, as diffusers' Euler and DPM-Solver++ schedulers do, unless a
+    third setting, `timestep_spacing`, is "leading" (None: each sampler's own).
     """
 
     steps_offset = 1
     set_alpha_to_one = False
+    timestep_spacing = None
 
     def __init__(self, betas, name, beta_start=0.0001, beta_end=0.02):
         self.name = name

@@ -308,17 +308,20 @@ def test_a_strength_that_runs_no_step_gives_init_back():
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("spacing", [None, "leading"])
 @pytest.mark.parametrize("offset, to_one", [(0, True), (3, True), (2, False)])
-def test_steps_offset_and_set_alpha_to_one_are_followed(sampler, offset, to_one):
+def test_scheduler_config_settings_are_followed(sampler, spacing, offset, to_one):
     """A scheduler config with other settings than SD v1.5's: every sampler does
     what `XScheduler.from_config(config)` does with them (ddpm and ddim shift their
     timesteps by steps_offset, ddim ends at ᾱ = 1 if set_alpha_to_one; the others'
-    "linspace" timesteps ignore both)."""
+    "linspace" timesteps ignore both, unless timestep_spacing is "leading")."""
     config = dict(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
         beta_schedule="scaled_linear", clip_sample=False, steps_offset=offset,
         set_alpha_to_one=to_one,
     )  # fmt: skip
+    if spacing is not None:
+        config["timestep_spacing"] = spacing
     schedule = schedule_from_config({"_class_name": "PNDMScheduler", **config})
     shape = (2, 3, 4, 4)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(0))
@@ -330,8 +333,10 @@ def test_steps_offset_and_set_alpha_to_one_are_followed(sampler, offset, to_one)
     )
     ours = sample(eps_fn, noise, sampler, 10, schedule,
                   generator=torch.Generator().manual_seed(1))  # fmt: skip
-    torch.testing.assert_close(noise_levels(sampler, 10, schedule).timesteps,
-                               scheduler.timesteps)  # fmt: skip
+    levels = noise_levels(sampler, 10, schedule)
+    torch.testing.assert_close(levels.timesteps, scheduler.timesteps)
+    torch.testing.assert_close(torch.as_tensor(levels.init_noise_sigma),
+                               torch.as_tensor(scheduler.init_noise_sigma))  # fmt: skip
     assert (ours - expected).abs().max() <= TOLERANCE
 
 
@@ -367,7 +372,7 @@ def test_the_registry_refuses_a_step_the_loop_cannot_call():
         ({"num_inference_steps": 0}, "steps must be between 1 and 1000, got 0"),
         ({"num_inference_steps": 1001}, "between 1 and 1000, got 1001"),
         ({"num_inference_steps": 2.5}, "between 1 and 1000, got 2.5"),
-        ({"num_inference_steps": 1000}, "ddim takes at most 999 steps"),
+        ({"num_inference_steps": 1000}, "ddim cannot take 1000 steps: with steps_o"),
         ({"karras": True}, "Karras sigmas need one of"),
         ({"sampler": "euler", "eta": 0.5}, "eta applies to ddim only"),
         ({"strength": 0.5}, "strength and mask need an init"),
