@@ -157,8 +157,9 @@ def noise_levels(
 
     ddpm and ddim take every (T // N)-th timestep counted from the schedule's
     steps_offset ("leading" spacing; SD v1: steps_offset=1); euler and dpmpp_2m
-    spread theirs evenly over [0, T - 1] ("linspace"), and with `karras=True` space
-    the σ's as Karras et al. 2022, eq. 5, instead. All as diffusers' schedulers.
+    spread theirs evenly over [0, T - 1] ("linspace", unless the schedule's
+    timestep_spacing is "leading"), and with `karras=True` space the σ's as Karras
+    et al. 2022, eq. 5, instead. All as diffusers' schedulers.
 
     Args:
         sampler: a name in `SAMPLERS`.
@@ -272,7 +273,8 @@ def _check(sampler, steps, schedule, karras) -> Sampler:
             f"Unknown sampler {sampler!r}; choose one of {tuple(SAMPLERS)}."
         )
     spec, size = SAMPLERS[sampler], schedule.num_train_timesteps
-    if not _is_int(steps) or not 1 <= steps <= size:
+    whole = isinstance(steps, numbers.Integral) and not isinstance(steps, bool)
+    if not whole or not 1 <= steps <= size:
         raise ValueError(
             f"num_inference_steps must be between 1 and {size}, got {steps!r}."
         )
@@ -292,10 +294,6 @@ def _check(sampler, steps, schedule, karras) -> Sampler:
         walkers = tuple(name for name, s in SAMPLERS.items() if s.walks_sigmas)
         raise ValueError(f"Karras sigmas need one of {walkers}, not {sampler}.")
     return spec
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def ddpm_step(levels, i, x, eps, generator=None):
