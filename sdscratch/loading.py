@@ -456,15 +456,7 @@ def write_schedule(root, schedule):
     """Write scheduler/scheduler_config.json, as diffusers' DDIMScheduler reads it."""
     path = Path(root) / SCHEDULER_CONFIG
     path.parent.mkdir(parents=True, exist_ok=True)
-    config = {
-        "_class_name": "DDIMScheduler",
-        **schedule.diffusers_config(),
-        "clip_sample": False,
-        "set_alpha_to_one": schedule.set_alpha_to_one,
-        "steps_offset": schedule.steps_offset,
-    }
-    if schedule.timestep_spacing is not None:
-        config["timestep_spacing"] = schedule.timestep_spacing
+    config = {"_class_name": "DDIMScheduler", **schedule.scheduler_config()}
     path.write_text(json.dumps(config, indent=2) + "\n")
 
 

@@ -119,5 +119,19 @@ class NoiseSchedule:
             "beta_schedule": DIFFUSERS_NAMES[self.name],
         }
 
+    def scheduler_config(self) -> dict:
+        """The whole scheduler config to save with a checkpoint: the β schedule
+        and the settings our samplers follow (clip_sample off, steps_offset,
+        set_alpha_to_one, and timestep_spacing if set), as diffusers reads them."""
+        config = {
+            **self.diffusers_config(),
+            "clip_sample": False,
+            "set_alpha_to_one": self.set_alpha_to_one,
+            "steps_offset": self.steps_offset,
+        }
+        if self.timestep_spacing is not None:
+            config["timestep_spacing"] = self.timestep_spacing
+        return config
+
     def __repr__(self):
         return f"NoiseSchedule.{self.name}(T={self.num_train_timesteps})"
