@@ -271,7 +271,9 @@ def add_generate_command(commands):
     generate.add_argument(
         "--karras",
         action="store_true",
-        help="Karras sigmas (euler, euler_ancestral, dpmpp_2m)",
+        help="Karras sigmas ("
+        + ", ".join(name for name, spec in SAMPLERS.items() if spec.walks_sigmas)
+        + ")",
     )
     generate.add_argument(
         "--seed",

@@ -231,13 +231,7 @@ def write_schedule(root, schedule):
     """Write scheduler/scheduler_config.json, as diffusers' DDIMScheduler reads it."""
     path = Path(root) / SCHEDULER_CONFIG
     path.parent.mkdir(parents=True, exist_ok=True)
-    config = {
-        "_class_name": "DDIMScheduler",
-        **schedule.diffusers_config(),
-        "clip_sample": False,
-        "set_alpha_to_one": schedule.set_alpha_to_one,
-        "steps_offset": schedule.steps_offset,
-    }
+    config = {"_class_name": "DDIMScheduler", **schedule.scheduler_config()}
     path.write_text(json.dumps(config, indent=2) + "\n")
 
 
@@ -277,8 +271,11 @@ def schedule_from_config(config: dict, path="scheduler_config.json"):
             )
     except (KeyError, TypeError, ValueError):
         raise CheckpointError(f"{path} is not a scheduler config sdscratch reads.")
-    if not (isinstance(offset, int) and 0 <= offset < size):
+    if not (type(offset) is int and 0 <= offset < size):
         raise CheckpointError(f"{path} sets steps_offset={offset!r}, not in [0, T).")
+    if to_one is not None and not isinstance(to_one, bool):
+        raise CheckpointError(f"{path} sets set_alpha_to_one={to_one!r}, not a bool.")
     schedule.steps_offset = offset
     schedule.set_alpha_to_one = bool(True if to_one is None else to_one)
+    schedule.timestep_spacing = config.get("timestep_spacing")  # None or "leading"
     return schedule

@@ -21,13 +21,9 @@ bundled checkpoints, diffusers Stable Diffusion v1.x folders and Hub repositorie
 float16 or bfloat16, and hands its weights back to diffusers (`to_diffusers`).
 """
 
-import math
-import numbers
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from PIL import Image
 
 from sdscratch.checkpoint import save_component
 from sdscratch.controlnet import Control
@@ -44,9 +40,18 @@ from sdscratch.loading import (
     schedule_from_config,
     write_schedule,
 )
-from sdscratch.samplers import noise_levels, sample
+from sdscratch.pipeline_inputs import (
+    as_tensor,
+    check_choice,
+    check_numbers,
+    check_prompts,
+    latent_mask,
+    mask_tensor,
+    per_image,
+)
+from sdscratch.samplers import img2img_start, noise_levels, randn, sample
 from sdscratch.schedules import NoiseSchedule
-from sdscratch.viz import from_pil, to_pil
+from sdscratch.viz import to_pil
 
 __all__ = ["StableDiffusion", "DEFAULT_REPO", "read_schedule", "write_schedule"]
 OUTPUT_TYPES = ("pil", "pt", "latent")
@@ -269,8 +274,8 @@ class StableDiffusion:
                 the empty prompt, plain classifier-free guidance).
             num_inference_steps: sampler steps, one UNet call each.
             guidance_scale: w of classifier-free guidance, 0 or more (SD: 7.5).
-            sampler: "ddim", "ddpm", "euler", "euler_ancestral" or "dpmpp_2m".
-            karras: Karras et al. 2022's σ spacing (euler*, dpmpp_2m).
+            sampler: a name in `sdscratch.samplers.SAMPLERS` ("ddim", "euler", …).
+            karras: Karras et al. 2022's σ spacing (samplers that walk σ's).
             generator: a `torch.Generator`; the same seed gives the same images.
             num_images_per_prompt: images per prompt, next to each other (N = B·this).
             callback: `callback(i, t, latents, x0_pred)` after every step; if it
@@ -359,12 +364,14 @@ class StableDiffusion:
     ):
         """The six steps, for all three tasks (arguments as `__call__`'s; `control`
         a `sdscratch.controlnet.Control`)."""
-        prompts, negatives = _check_prompts(prompt, negative_prompt)
-        _check_numbers(num_inference_steps, guidance_scale, num_images_per_prompt)
-        _check_choice(output_type, OUTPUT_TYPES, "output_type")
+        prompts, negatives = check_prompts(prompt, negative_prompt)
+        check_numbers(num_inference_steps, guidance_scale, num_images_per_prompt)
+        check_choice(output_type, OUTPUT_TYPES, "output_type")
         noise_levels(sampler, num_inference_steps, self.schedule, karras)  # checks
+        if image is not None:
+            img2img_start(num_inference_steps, strength)  # checks strength
         n = num_images_per_prompt
-        images, mask = self._prepare_images(image, mask, strength, len(prompts))
+        images, mask = self._prepare_images(image, mask, len(prompts))
         # 1. prompt and negative prompt -> text hidden states, n per prompt
         context, uncond = self.encode_prompt(prompts, negatives)
         context = context.repeat_interleave(n, 0)  # (N, L, D), N = B · n
@@ -372,30 +379,28 @@ class StableDiffusion:
         # 2.-3. (`sample` sets the timesteps) the initial noise, the image's latent
         init, shape = None, (len(context), *self.latent_shape)
         if images is not None:
-            init = _per_image(self.encode_images(images, generator), n, len(context))
+            init = per_image(self.encode_images(images, generator), n, len(context))
             shape = init.shape
-        noise = _randn(shape, generator, self.device, self.dtype)
+        noise = randn(shape, generator, self.device, self.dtype)
         unet = self.unet  # or, with a ControlNet, the UNet it steers
         if control is not None:
             unet = control.steer(self.unet, shape, self.vae_scale_factor, n)
-        if init is not None and _steps_run(num_inference_steps, strength) == 0:
-            latents = init  # no step to run at this strength: keep the image
-        else:
-            # 4. the denoising loop: the UNet with guidance, then a sampler step
-            latents = sample(
-                self.guided_noise(context, uncond, guidance_scale, unet),
-                noise,
-                sampler,
-                num_inference_steps,
-                self.schedule,
-                karras,
-                generator=generator,
-                callback=callback,
-                init=init,
-                strength=strength,
-                mask=_latent_mask(mask, n, len(context), self.vae_scale_factor, noise),
-                progress=progress,
-            )
+        # 4. the denoising loop: the UNet with guidance, then a sampler step (none
+        #    if the strength is too small for one: then the image's latent stays)
+        latents = sample(
+            self.guided_noise(context, uncond, guidance_scale, unet),
+            noise,
+            sampler,
+            num_inference_steps,
+            self.schedule,
+            karras,
+            generator=generator,
+            callback=callback,
+            init=init,
+            strength=strength,
+            mask=latent_mask(mask, n, len(context), self.vae_scale_factor, noise),
+            progress=progress,
+        )
         if not torch.isfinite(latents).all():
             raise ValueError(
                 "Sampling produced non-finite latents (inf or NaN); lower "
@@ -406,20 +411,18 @@ class StableDiffusion:
         # 5. decode; inpainting pastes the kept pixels back
         decoded = self.decode_latents(latents).float()
         if mask is not None:
-            images = _per_image(images.to(decoded), n, len(decoded))
-            mask = _per_image(mask.to(decoded), n, len(decoded))
+            images = per_image(images.to(decoded), n, len(decoded))
+            mask = per_image(mask.to(decoded), n, len(decoded))
             decoded = images * (1 - mask) + decoded * mask
         # 6. the images to show
         return decoded if output_type == "pt" else to_pil(decoded)
 
-    def _prepare_images(self, image, mask, strength, batch):
+    def _prepare_images(self, image, mask, batch):
         """img2img's images and inpainting's mask, checked, as tensors of 1 or
         `batch` rows."""
         if image is None:
             return None, None
-        if not (isinstance(strength, numbers.Real) and 0 <= strength <= 1):
-            raise ValueError(f"strength must be between 0 and 1, got {strength!r}.")
-        images = _as_tensor(image, "image")  # (B or 1, 3, H, W)
+        images = as_tensor(image, "image")  # (B or 1, 3, H, W)
         f = self.vae_scale_factor
         if images.shape[1] != 3 or images.shape[-1] % f or images.shape[-2] % f:
             raise ValueError(
@@ -427,7 +430,7 @@ class StableDiffusion:
                 f"{tuple(images.shape)}."
             )
         if mask is not None:
-            mask = _mask_tensor(mask, images.shape)
+            mask = mask_tensor(mask, images.shape)
         for name, tensor in (("images", images), ("masks", mask)):
             if tensor is not None and len(tensor) not in (1, batch):
                 raise ValueError(f"Got {len(tensor)} {name} for {batch} prompts.")
@@ -435,7 +438,7 @@ class StableDiffusion:
 
 
 # ----------------------------------------------------------------------------------
-# Checks and conversions
+# Classifier-free guidance
 
 
 def classifier_free_guidance(unet, context, uncond_context, guidance_scale):
@@ -467,111 +470,3 @@ def classifier_free_guidance(unet, context, uncond_context, guidance_scale):
         return eps_uncond + w * (eps_text - eps_uncond)
 
     return eps_fn
-
-
-def _check_prompts(prompt, negative_prompt) -> tuple[list, list]:
-    """Prompts and negative prompts as two lists of B strings."""
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(prompts, (list, tuple)) or not prompts:
-        raise ValueError("prompt must be a string or a non-empty list of strings.")
-    if not all(isinstance(p, str) for p in prompts):
-        raise ValueError("Every prompt must be a string.")
-    negatives = "" if negative_prompt is None else negative_prompt
-    negatives = [negatives] * len(prompts) if isinstance(negatives, str) else negatives
-    if not isinstance(negatives, (list, tuple)) or not all(
-        isinstance(p, str) for p in negatives
-    ):
-        raise ValueError("negative_prompt must be None, a string or a list of them.")
-    if len(negatives) != len(prompts):
-        raise ValueError(
-            f"Got {len(negatives)} negative prompts for {len(prompts)} prompts."
-        )
-    return list(prompts), list(negatives)
-
-
-def _check_numbers(steps, guidance_scale, images_per_prompt):
-    if not _is_int(steps) or steps < 1:
-        raise ValueError(f"num_inference_steps must be 1 or more, got {steps!r}.")
-    if not isinstance(guidance_scale, numbers.Real) or not (
-        0 <= guidance_scale < math.inf
-    ):
-        raise ValueError(f"guidance_scale must be 0 or more, got {guidance_scale!r}.")
-    if not _is_int(images_per_prompt) or images_per_prompt < 1:
-        raise ValueError(
-            f"num_images_per_prompt must be 1 or more, got {images_per_prompt!r}."
-        )
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _check_choice(value, choices, name):
-    if value not in choices:
-        raise ValueError(f"Unknown {name} {value!r}; choose one of {choices}.")
-
-
-def _steps_run(steps, strength) -> int:
-    """How many of `steps` img2img runs at `strength` (diffusers' rule)."""
-    return min(int(steps * strength), steps)
-
-
-def _randn(shape, generator, device, dtype=torch.float32) -> torch.Tensor:
-    """Noise drawn as diffusers' `randn_tensor` draws it: in `dtype`, on the
-    generator's device (a CPU generator: the same noise on every machine)."""
-    device = torch.device(device)
-    where = device
-    if generator is not None and generator.device.type != device.type:
-        if generator.device.type != "cpu":
-            raise ValueError(
-                f"A {generator.device.type} generator cannot make noise for {device}."
-            )
-        where = torch.device("cpu")
-    noise = torch.randn(shape, generator=generator, device=where, dtype=dtype)
-    return noise.to(device)
-
-
-def _as_tensor(value, name) -> torch.Tensor:
-    """PIL image(s) -> (B, 3, H, W) in [-1, 1]; a (C, H, W) or (B, C, H, W) tensor
-    -> (B, C, H, W) float."""
-    pictures = [value] if isinstance(value, Image.Image) else value
-    if isinstance(pictures, (list, tuple)) and pictures:
-        if not all(isinstance(picture, Image.Image) for picture in pictures):
-            raise ValueError(f"{name} must be a PIL image, a list of them or a tensor.")
-        if len({picture.size for picture in pictures}) > 1:
-            raise ValueError(f"Every {name} must have the same size.")
-        return from_pil(list(pictures))
-    if isinstance(value, torch.Tensor) and value.ndim in (3, 4):
-        return (value[None] if value.ndim == 3 else value).float()
-    raise ValueError(f"{name} must be a PIL image, a list of them or a tensor.")
-
-
-def _mask_tensor(mask, image_shape) -> torch.Tensor:
-    """A mask (PIL images, white = repaint, or a tensor in [0, 1], 1 = repaint) ->
-    (B, 1, H, W) in [0, 1], checked to be as large as the image."""
-    if isinstance(mask, torch.Tensor):
-        mask = _as_tensor(mask[None] if mask.ndim == 2 else mask, "mask")
-    else:  # PIL: grey levels, read from the red channel of the RGB conversion
-        mask = (_as_tensor(mask, "mask")[:, :1] + 1) / 2
-    if mask.shape[1] != 1:
-        raise ValueError(f"mask must have one channel, got {mask.shape[1]}.")
-    if mask.shape[-2:] != image_shape[-2:]:
-        raise ValueError(
-            f"The mask is {tuple(mask.shape[-2:])} pixels but the image is "
-            f"{tuple(image_shape[-2:])}: they must be the same size."
-        )
-    return mask.clamp(0, 1)
-
-
-def _latent_mask(mask, n, total, factor, like):
-    """(B, 1, H, W) pixel mask -> (N, 1, H/f, W/f) with `like`'s device and dtype:
-    a latent cell is repainted as much as the most repainted pixel it covers."""
-    if mask is None:
-        return None
-    return _per_image(F.max_pool2d(mask, factor), n, total).to(like)
-
-
-def _per_image(x, n, total) -> torch.Tensor:
-    """One row per image made: (1, ...) -> (total, ...), or (B, ...) -> (B·n, ...),
-    each row n times in a row, as the prompts are."""
-    return x.expand(total, *x.shape[1:]) if len(x) == 1 else x.repeat_interleave(n, 0)

@@ -31,13 +31,18 @@ class NoiseSchedule:
         beta_start, beta_end: the schedule's end points (ignored by "cosine").
 
     Two settings of diffusers' schedulers travel with the schedule (SD v1's values
-    by default): `steps_offset`, added to ddpm's and ddim's timesteps (1: they run
-    981, 961, …, 1 in 50 steps, not 980, …, 0), and `set_alpha_to_one`, whether
-    ddim's last step ends at ᾱ = 1 (True) or at ᾱ_0 (False).
+    by default; a checkpoint's scheduler config sets them, see
+    `sdscratch.loading.schedule_from_config`): `steps_offset`, added to ddpm's and
+    ddim's timesteps (1: they run 981, 961, …, 1 in 50 steps, not 980, …, 0), and
+    `set_alpha_to_one`, whether ddim's last step ends at ᾱ = 1 (True) or at ᾱ_0
+    (False). The samplers that walk σ's space their timesteps over [0, T - 1]
+    and ignore both, as diffusers' Euler and DPM-Solver++ schedulers do, unless a
+    third setting, `timestep_spacing`, is "leading" (None: each sampler's own).
     """
 
     steps_offset = 1
     set_alpha_to_one = False
+    timestep_spacing = None
 
     def __init__(self, betas, name, beta_start=0.0001, beta_end=0.02):
         self.name = name
@@ -113,6 +118,20 @@ class NoiseSchedule:
             "beta_end": self.beta_end,
             "beta_schedule": DIFFUSERS_NAMES[self.name],
         }
+
+    def scheduler_config(self) -> dict:
+        """The whole scheduler config to save with a checkpoint: the β schedule
+        and the settings our samplers follow (clip_sample off, steps_offset,
+        set_alpha_to_one, and timestep_spacing if set), as diffusers reads them."""
+        config = {
+            **self.diffusers_config(),
+            "clip_sample": False,
+            "set_alpha_to_one": self.set_alpha_to_one,
+            "steps_offset": self.steps_offset,
+        }
+        if self.timestep_spacing is not None:
+            config["timestep_spacing"] = self.timestep_spacing
+        return config
 
     def __repr__(self):
         return f"NoiseSchedule.{self.name}(T={self.num_train_timesteps})"

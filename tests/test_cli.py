@@ -35,6 +35,21 @@ def test_missing_command_is_one_line():
     assert result.stderr.count("\n") == 1
 
 
+@pytest.mark.parametrize("command", ["generate", "evaluate"])
+def test_sampler_choices_are_the_registry(command):
+    """Every sampler of `sdscratch.samplers.SAMPLERS`, and only those, is accepted."""
+    from sdscratch.__main__ import build_parser
+    from sdscratch.samplers import SAMPLERS
+
+    parser = build_parser()
+    prompt = ["a red circle"] if command == "generate" else []
+    for name in SAMPLERS:
+        args = parser.parse_args([command, *prompt, "--sampler", name])
+        assert args.sampler == name
+    with pytest.raises(SystemExit):
+        parser.parse_args([command, *prompt, "--sampler", "plms"])
+
+
 # ----------------------------------------------------------------------------------
 # generate, with a tiny random checkpoint
 

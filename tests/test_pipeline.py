@@ -6,12 +6,11 @@ into ours, and run diffusers' own StableDiffusionPipeline / Img2ImgPipeline next
 ours with the same generator seed.
 """
 
+import diffusers
 import pytest
 import torch
 from diffusers import (
     AutoencoderKL,
-    DDIMScheduler,
-    EulerAncestralDiscreteScheduler,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
@@ -28,7 +27,7 @@ from sdscratch.port import (
     unet_from_diffusers,
     vae_from_diffusers,
 )
-from sdscratch.samplers import noise_levels
+from sdscratch.samplers import SAMPLERS, noise_levels
 from sdscratch.schedules import NoiseSchedule
 from sdscratch.shapes.data import Shapes
 from sdscratch.tokenizer import train_bpe
@@ -85,7 +84,9 @@ def pipe(references):
     )
 
 
-def reference_pipeline(references, cls=StableDiffusionPipeline, scheduler=None):
+def reference_pipeline(references, cls=StableDiffusionPipeline, sampler="ddim"):
+    """diffusers' pipeline `cls` with the same models and `sampler`'s scheduler."""
+    scheduler = getattr(diffusers, SAMPLERS[sampler].diffusers_class)
     sd15 = dict(  # SD v1.5's scheduler config
         beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
         clip_sample=False, set_alpha_to_one=False, steps_offset=1,
@@ -95,7 +96,7 @@ def reference_pipeline(references, cls=StableDiffusionPipeline, scheduler=None):
         text_encoder=references["text_encoder"],
         tokenizer=references["tokenizer"],
         unet=references["unet"],
-        scheduler=(scheduler or DDIMScheduler).from_config(sd15),
+        scheduler=scheduler.from_config(sd15),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -130,12 +131,14 @@ def test_text_to_image_equals_diffusers(pipe, references):
     assert (ours[0] - ours[1]).abs().max() > 0.01  # two different images per prompt
 
 
-def test_stochastic_sampler_draws_its_noise_like_diffusers(pipe, references):
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_every_sampler_equals_diffusers_with_its_scheduler(pipe, references, sampler):
+    """The registry's diffusers scheduler in diffusers' pipeline; the stochastic
+    samplers (ddpm, euler_ancestral) draw their noise as diffusers does."""
     generator = torch.Generator().manual_seed(7)
-    ours = pipe(PROMPTS[0], num_inference_steps=5, sampler="euler_ancestral",
+    ours = pipe(PROMPTS[0], num_inference_steps=5, sampler=sampler,
                 generator=generator, output_type="pt")  # fmt: skip
-    sampler = EulerAncestralDiscreteScheduler
-    reference = reference_pipeline(references, scheduler=sampler)
+    reference = reference_pipeline(references, sampler=sampler)
     expected = reference(PROMPTS[0], num_inference_steps=5, output_type="pt",
                          generator=torch.Generator().manual_seed(7)).images  # fmt: skip
     assert (as_pixels(ours) - expected).abs().max() <= TOLERANCE

@@ -6,53 +6,54 @@ offline from that config; the loop is the pipeline's: `init_noise_sigma`,
 `scale_model_input`, `step` with the same generator.
 """
 
+from types import SimpleNamespace
+
+import diffusers
 import pytest
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-)
+from diffusers import DDIMScheduler
+from diffusers.utils.torch_utils import randn_tensor
 
-from sdscratch.samplers import SAMPLERS, karras_sigmas, noise_levels, sample
+from sdscratch.loading import schedule_from_config
+from sdscratch.samplers import (
+    SAMPLERS,
+    Sampler,
+    ddim_step,
+    img2img_start,
+    karras_sigmas,
+    noise_levels,
+    randn,
+    sample,
+)
 from sdscratch.schedules import NoiseSchedule
 
+# The diffusers scheduler of each sampler, as the registry names it.
 SCHEDULERS = {
-    "ddpm": DDPMScheduler,
-    "ddim": DDIMScheduler,
-    "euler": EulerDiscreteScheduler,
-    "euler_ancestral": EulerAncestralDiscreteScheduler,
-    "dpmpp_2m": DPMSolverMultistepScheduler,
+    name: getattr(diffusers, spec.diffusers_class) for name, spec in SAMPLERS.items()
 }
-# (sampler, karras, eta): every sampler; Karras σ's for those that walk σ's.
-CASES = [
-    ("ddpm", False, 0.0),
-    ("ddim", False, 0.0),
-    ("ddim", False, 1.0),
-    ("euler", False, 0.0),
-    ("euler", True, 0.0),
-    ("euler_ancestral", False, 0.0),
-    ("euler_ancestral", True, 0.0),
-    ("dpmpp_2m", False, 0.0),
-    ("dpmpp_2m", True, 0.0),
+# (sampler, karras, eta): every sampler; Karras σ's for those that walk σ's; η = 1
+# for those that take an η.
+CASES = [(name, False, 0.0) for name in SAMPLERS]
+CASES += [(name, True, 0.0) for name, spec in SAMPLERS.items() if spec.walks_sigmas]
+CASES += [
+    (name, False, 1.0) for name, spec in SAMPLERS.items() if "eta" in spec.options
 ]
 STEPS = [1, 2, 7, 20, 50]
 SCHEDULES = ["scaled_linear", "linear", "cosine"]
 TOLERANCE = 1e-5
 
 
-def reference(sampler, schedule, karras=False):
-    """The matching diffusers scheduler, from SD v1.5's config with our β schedule."""
-    config = {
+def reference(sampler, schedule, karras=False, config=None):
+    """The matching diffusers scheduler, from SD v1.5's config with our β schedule
+    (or from `config`)."""
+    config = config or {
         **schedule.diffusers_config(),
         "clip_sample": False,
         "set_alpha_to_one": False,
         "steps_offset": 1,
     }
     if karras and sampler != "euler_ancestral":
-        config["use_karras_sigmas"] = True
+        config = {**config, "use_karras_sigmas": True}
     scheduler_class = SCHEDULERS[sampler]
     known = scheduler_class.from_config({})  # the class's own defaults
     return scheduler_class.from_config(
@@ -159,7 +160,7 @@ def test_timesteps_and_sigmas_match_diffusers(sampler, karras, eta):
         levels = noise_levels(sampler, steps, schedule, karras)
         assert levels.timesteps.dtype == scheduler.timesteps.dtype
         torch.testing.assert_close(levels.timesteps, scheduler.timesteps)
-        if sampler in ("euler", "euler_ancestral", "dpmpp_2m"):
+        if SAMPLERS[sampler].walks_sigmas:
             torch.testing.assert_close(levels.sigmas, scheduler.sigmas)
         torch.testing.assert_close(
             torch.as_tensor(levels.init_noise_sigma),
@@ -177,7 +178,7 @@ def test_img2img_matches_diffusers(sampler, karras, eta, strength):
     eps_fn = make_eps_fn(schedule, shape)
     scheduler = reference(sampler, schedule, karras)
     set_timesteps(scheduler, sampler, steps, schedule, karras)
-    start = steps - min(int(steps * strength), steps)  # diffusers' get_timesteps
+    start = img2img_start(steps, strength)
     expected = diffusers_loop(
         scheduler, eps_fn, noise, eta, torch.Generator().manual_seed(7), start, init
     )
@@ -286,25 +287,96 @@ def test_karras_sigmas_span_the_schedule():
     assert levels.sigmas[-1] == 0 and len(levels.sigmas) == 11
 
 
-def test_img2img_runs_the_last_steps():
-    levels = noise_levels("ddim", 20)
-    assert levels.first_step(1.0) == 0
-    assert levels.first_step(0.3) == 14
-    with pytest.raises(ValueError, match="runs no step"):
-        levels.first_step(0.01)
+@pytest.mark.parametrize("steps", [1, 7, 20, 50])
+@pytest.mark.parametrize("strength", [0.0, 0.01, 0.3, 0.55, 0.75, 0.8, 1.0])
+def test_img2img_start_is_diffusers_rule(steps, strength):
+    """The first step img2img runs is where diffusers' img2img pipeline starts."""
+    scheduler = reference("ddim", NoiseSchedule.scaled_linear())
+    scheduler.set_timesteps(steps)
+    pipe = SimpleNamespace(scheduler=scheduler)
+    get_timesteps = diffusers.StableDiffusionImg2ImgPipeline.get_timesteps
+    timesteps, runs = get_timesteps(pipe, steps, strength, "cpu")
+    start = img2img_start(steps, strength)
+    assert steps - start == runs
+    assert torch.equal(noise_levels("ddim", steps).timesteps[start:], timesteps)
+
+
+def test_a_strength_that_runs_no_step_gives_init_back():
+    init = torch.randn(2, 3, generator=torch.Generator().manual_seed(0))
+    out = sample(lambda x, t: x, torch.ones(2, 3), "ddim", 20, init=init, strength=0.01)
+    assert torch.equal(out, init)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("spacing", [None, "leading"])
+@pytest.mark.parametrize("offset, to_one", [(0, True), (3, True), (2, False)])
+def test_scheduler_config_settings_are_followed(sampler, spacing, offset, to_one):
+    """A scheduler config with other settings than SD v1.5's: every sampler does
+    what `XScheduler.from_config(config)` does with them (ddpm and ddim shift their
+    timesteps by steps_offset, ddim ends at ᾱ = 1 if set_alpha_to_one; the others'
+    "linspace" timesteps ignore both, unless timestep_spacing is "leading")."""
+    config = dict(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+        beta_schedule="scaled_linear", clip_sample=False, steps_offset=offset,
+        set_alpha_to_one=to_one,
+    )  # fmt: skip
+    if spacing is not None:
+        config["timestep_spacing"] = spacing
+    schedule = schedule_from_config({"_class_name": "PNDMScheduler", **config})
+    shape = (2, 3, 4, 4)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    eps_fn = make_eps_fn(schedule, shape)
+    scheduler = reference(sampler, schedule, config=config)
+    scheduler.set_timesteps(10)
+    expected = diffusers_loop(
+        scheduler, eps_fn, noise, 0.0, torch.Generator().manual_seed(1)
+    )
+    ours = sample(eps_fn, noise, sampler, 10, schedule,
+                  generator=torch.Generator().manual_seed(1))  # fmt: skip
+    levels = noise_levels(sampler, 10, schedule)
+    torch.testing.assert_close(levels.timesteps, scheduler.timesteps)
+    torch.testing.assert_close(torch.as_tensor(levels.init_noise_sigma),
+                               torch.as_tensor(scheduler.init_noise_sigma))  # fmt: skip
+    assert (ours - expected).abs().max() <= TOLERANCE
+
+
+def test_randn_draws_what_diffusers_randn_tensor_draws():
+    for dtype in (torch.float32, torch.float16):
+        ours = randn((2, 4, 3), torch.Generator().manual_seed(5), "cpu", dtype)
+        theirs = randn_tensor((2, 4, 3), torch.Generator().manual_seed(5), "cpu", dtype)
+        assert ours.dtype == dtype and torch.equal(ours, theirs)
+
+
+def test_a_misspelled_step_keyword_is_an_error():
+    levels = noise_levels("ddim", 5)
+    x = torch.zeros(1, 2)
+    with pytest.raises(TypeError, match="etta"):
+        ddim_step(levels, 0, x, x, etta=0.5)
+    with pytest.raises(TypeError, match="eta"):
+        SAMPLERS["euler"].step(levels, 0, x, x, eta=0.5)
+
+
+def test_the_registry_refuses_a_step_the_loop_cannot_call():
+    def heun_step(levels, i, x, eps, churn=0.0):
+        return x, x
+
+    with pytest.raises(ValueError, match="churn"):
+        Sampler(heun_step, "HeunDiscreteScheduler", walks_sigmas=True,
+                variance_exploding=True, whole_timesteps=False)  # fmt: skip
 
 
 @pytest.mark.parametrize(
     "kwargs,message",
     [
         ({"sampler": "heun"}, "Unknown sampler 'heun'"),
-        ({"steps": 0}, "steps must be between 1 and 1000, got 0"),
-        ({"steps": 1001}, "steps must be between 1 and 1000, got 1001"),
-        ({"steps": 1000}, "ddim takes at most 999 steps"),
+        ({"num_inference_steps": 0}, "steps must be between 1 and 1000, got 0"),
+        ({"num_inference_steps": 1001}, "between 1 and 1000, got 1001"),
+        ({"num_inference_steps": 2.5}, "between 1 and 1000, got 2.5"),
+        ({"num_inference_steps": 1000}, "ddim cannot take 1000 steps: with steps_o"),
         ({"karras": True}, "Karras sigmas need one of"),
         ({"sampler": "euler", "eta": 0.5}, "eta applies to ddim only"),
         ({"strength": 0.5}, "strength and mask need an init"),
-        ({"init": torch.zeros(1, 2), "strength": 1.5}, "strength must be in"),
+        ({"init": torch.zeros(1, 2), "strength": 1.5}, "strength must be between"),
     ],
 )
 def test_bad_requests_are_one_clear_error(kwargs, message):

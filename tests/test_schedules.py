@@ -89,3 +89,29 @@ def test_read_schedule_gives_what_diffusers_reads_from_the_same_file(
     assert ours.name == name and ours.num_train_timesteps == steps
     torch.testing.assert_close(ours.alphas_cumprod, theirs.alphas_cumprod,
                                atol=1e-6, rtol=0)  # fmt: skip
+
+
+@pytest.mark.parametrize("spacing", [None, "leading"])
+def test_scheduler_settings_survive_writing_and_reading(spacing, tmp_path):
+    from sdscratch.pipeline import read_schedule, write_schedule
+    from sdscratch.samplers import noise_levels
+
+    schedule = NoiseSchedule.scaled_linear()
+    schedule.steps_offset, schedule.set_alpha_to_one = 3, True
+    schedule.timestep_spacing = spacing
+    write_schedule(tmp_path, schedule)
+    back = read_schedule(tmp_path)
+    assert (back.steps_offset, back.set_alpha_to_one) == (3, True)
+    assert back.timestep_spacing == spacing
+    for sampler in ("ddim", "euler"):
+        before = noise_levels(sampler, 7, schedule).timesteps
+        torch.testing.assert_close(noise_levels(sampler, 7, back).timesteps, before)
+
+
+def test_an_unknown_timestep_spacing_is_one_clear_error():
+    from sdscratch.samplers import noise_levels
+
+    schedule = NoiseSchedule.scaled_linear()
+    schedule.timestep_spacing = "trailing"
+    with pytest.raises(ValueError, match="timestep_spacing='trailing'"):
+        noise_levels("euler", 10, schedule)

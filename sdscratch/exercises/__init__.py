@@ -46,6 +46,7 @@ from sdscratch.exercises.networks import (
     reference_resblock,
     reference_timestep_embedding,
 )
+from sdscratch.samplers import img2img_start
 
 __all__ = [
     "NOT_DONE",
@@ -82,6 +83,7 @@ REFERENCES = {
     "contrastive_loss": (reference_contrastive_loss, check_contrastive_loss),
     "reparameterize": (reference_reparameterize, check_reparameterize),
     "kl": (reference_kl, check_kl),
+    "img2img_start": (img2img_start, check_img2img_start),
 }
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from sdscratch.exercises.compare import call, check, generator, levels, sd_schedule
-from sdscratch.samplers import ddim_step, ddpm_step, karras_sigmas, noise_levels
+from sdscratch.samplers import ddim_step, ddpm_step, img2img_start, karras_sigmas
 
 
 def _pair(g, shape):
@@ -224,7 +224,7 @@ def check_img2img_start(fn) -> None:
     int(steps · strength) steps, at most all of them, the last ones)."""
 
     def case(steps, strength):
-        want = noise_levels("ddim", steps).first_step(strength)
+        want = img2img_start(steps, strength)
         rounded = steps - min(round(steps * strength), steps)
         mistakes = {
             "return where the run starts, not how many steps it runs.": steps - want,
