@@ -124,13 +124,7 @@ def to_diffusers(pipe):
     with tempfile.TemporaryDirectory() as folder:
         folder = pipe.tokenizer.save_pretrained(folder)
         tokenizer = CLIPTokenizer.from_pretrained(folder)
-    schedule = pipe.schedule
-    scheduler = DDIMScheduler(
-        **schedule.diffusers_config(),
-        clip_sample=False,
-        set_alpha_to_one=schedule.set_alpha_to_one,
-        steps_offset=schedule.steps_offset,
-    )
+    scheduler = DDIMScheduler(**pipe.schedule.scheduler_config())
     reference = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
         scheduler=scheduler, safety_checker=None, feature_extractor=None,

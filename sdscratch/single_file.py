@@ -203,9 +203,7 @@ def write_single_file(pipe, path, dtype=None) -> Path:
                       # textual-inversion tokens, in the order of their ids
                       "added_tokens": sorted(tokenizer.added_tokens,
                                              key=tokenizer.added_tokens.get)},
-        "scheduler": {**pipe.schedule.diffusers_config(),
-                      "steps_offset": pipe.schedule.steps_offset,
-                      "set_alpha_to_one": pipe.schedule.set_alpha_to_one},
+        "scheduler": pipe.schedule.scheduler_config(),
     }  # fmt: skip
     metadata = {"format": "pt", METADATA: json.dumps(record)}
     save_file(tensors, str(path), metadata=metadata)

@@ -540,3 +540,19 @@ def test_repo_id_downloads_only_what_sd_needs(folder, monkeypatch, variant):
     ])  # fmt: skip
     assert all(p.endswith((".json", ".txt", ".safetensors")) for p in asked["patterns"])
     assert pipe.unet.config.block_out_channels == (32, 32, 64, 64)
+
+
+@pytest.mark.parametrize("spacing", [None, "leading"])
+def test_scheduler_settings_travel_to_diffusers_and_through_a_single_file(
+    tmp_path, spacing
+):
+    pipe = StableDiffusion.from_pretrained("shapes-ldm")
+    pipe.schedule.steps_offset, pipe.schedule.set_alpha_to_one = 1, True
+    pipe.schedule.timestep_spacing = spacing
+    config = pipe.to_diffusers().scheduler.config
+    assert (config.steps_offset, config.set_alpha_to_one) == (1, True)
+    assert config.timestep_spacing == (spacing or "leading")  # diffusers' default
+    path = pipe.save_single_file(tmp_path / "model.safetensors")
+    again = StableDiffusion.from_single_file(path).schedule
+    assert (again.steps_offset, again.set_alpha_to_one) == (1, True)
+    assert again.timestep_spacing == spacing
