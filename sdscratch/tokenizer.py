@@ -144,6 +144,8 @@ class Tokenizer:
             Their ids. A token the tokenizer already has is refused.
         """
         tokens = [tokens] if isinstance(tokens, str) else list(tokens)
+        if not tokens:
+            return []
         for token in tokens:
             if not token or token in self.vocab or token in self.added_tokens:
                 raise ValueError(f"The tokenizer already has the token {token!r}.")

@@ -97,6 +97,13 @@ def test_added_tokens_split_the_text_as_transformers_does(bundled, tmp_path):
         ours_.add_tokens("<heart>")
 
 
+def test_adding_no_tokens_changes_nothing(bundled):
+    tokenizer = copy.deepcopy(bundled.tokenizer)
+    before = tokenizer(TEXTS)
+    assert tokenizer.add_tokens([]) == []
+    assert torch.equal(tokenizer(TEXTS), before)
+
+
 @pytest.mark.parametrize("count", [1, 3])
 def test_diffusers_loads_our_file_and_draws_our_images(pipe, tmp_path, count):
     reference = diffusers_of(pipe)
