@@ -201,6 +201,71 @@ def test_prompt_accuracy_counts_every_wrong_attribute():
     assert accuracy["colour"] == pytest.approx(4 / 6)
 
 
+def test_check_reads_a_left_out_attribute_as_any():
+    truth = ["a large red circle on the left"] * 8 + [
+        "a large red circle above a small blue square"
+    ] * 5 + [{"objects": [], "relation": None}]  # fmt: skip
+    asked = [
+        ("a red circle", dict(scene=True)),
+        ("red circle", dict(scene=True)),
+        ("a circle that is red on the left", dict(scene=True)),
+        ("a blue circle", dict(scene=False, colour=False)),
+        ("a small red circle", dict(scene=False, size=False)),
+        ("a red square", dict(scene=False, shape=False)),
+        # a position named: read there, where nothing is
+        ("red circle on the right", dict(scene=False, position=False, shape=False,
+                                         colour=False, size=False)),
+        ("a large red circle at the top", dict(scene=False, position=False,
+                                               shape=False, colour=False,
+                                               size=False)),
+        # two objects where one was asked: the position is wrong, the rest is read
+        # at the object that shows most of it (here the bottom one)
+        ("a red circle", dict(scene=False, position=False)),
+        ("a small blue square", dict(scene=False, position=False)),
+        ("a small green square", dict(scene=False, position=False, colour=False)),
+        ("a red circle above a blue square", dict(scene=True)),
+        ("red circle above blue square that is large", dict(scene=False, size=False)),
+        # an empty picture shows nothing that was asked
+        ("a red circle", dict(scene=False, position=False, shape=False,
+                              colour=False, size=False)),
+    ]  # fmt: skip
+    right = check(torch.zeros(len(truth), 3, 32, 32), [a for a, _ in asked],
+                  Oracle(truth))  # fmt: skip
+    for i, (text, wrong) in enumerate(asked):
+        expected = {"position": True, "shape": True, "colour": True, "size": True}
+        expected |= wrong
+        got = {name: right[name][i].item() for name in expected}
+        assert got == expected, (i, text)
+    oracle, images = Oracle(truth[:8]), torch.zeros(8, 3, 32, 32)
+    texts = [a for a, _ in asked[:8]]
+    assert prompt_accuracy(images, texts, oracle) == 3 / 8
+    accuracy = attribute_accuracy(images, texts, oracle)
+    assert (accuracy["position"], accuracy["colour"]) == (6 / 8, 5 / 8)
+
+
+def test_a_left_out_position_is_only_for_one_object():
+    floating = {"shape": "circle", "colour": "red", "size": None, "position": None}
+    with pytest.raises(ValueError, match="position"):
+        slot_targets([{"objects": [floating], "relation": None}])
+    pair = {"objects": [floating, floating], "relation": None}
+    with pytest.raises(ValueError, match="one-object"):
+        check(torch.zeros(1, 3, 32, 32), [pair], Oracle(["a red circle on the left"]))
+    targets = slot_targets(["a red circle on the left"])
+    assert targets["size"][0, SLOTS.index("left")] == -100  # left out: any size
+
+
+def test_bundled_judge_checks_underspecified_prompts():
+    truth = [
+        "a large red circle on the left",
+        "a large red circle above a small blue square",
+        "a little blue star at the bottom",
+        "a little blue star at the bottom",
+    ]
+    images = render_batch([scene(t) for t in truth])
+    asked = ["a red circle", "a red circle", "blue star", "a big blue star"]
+    assert check(images, asked)["scene"].tolist() == [True, False, True, False]
+
+
 # ----------------------------------------------------------------------------------
 # The bundled judge on real images it never saw
 
