@@ -335,3 +335,14 @@ def test_evaluate_refuses_an_unknown_prompt_set(checkpoint):
     code, out, err = evaluate("--model", checkpoint, "--prompts", "casual")
     assert code == 2 and out == "" and err.count("\n") == 1
     assert "invalid choice: 'casual'" in err
+
+
+def test_a_prompt_the_grammar_cannot_read_still_generates():
+    """Unknown words are no Shapes caption (so never evaluation ground truth), but
+    the bundled model still draws something for them."""
+    with pytest.raises(ValueError, match="is not a Shapes caption"):
+        parse_caption("a pink heart")
+    pipe = StableDiffusion.from_pretrained("shapes-ldm")
+    images = pipe(["a pink heart"], num_inference_steps=2, output_type="pt",
+                  generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert images.shape[0] == 1 and torch.isfinite(images).all()
