@@ -319,13 +319,13 @@ def _alternatives(words: dict, name: str) -> str:
 def _object_regex(prefix: str) -> str:
     """Any form of `OBJECT_PHRASES`, with or without article and size; the k-th
     form's groups are named `{prefix}{k}_size` and so on."""
+    words = {
+        "size": NATURAL_WORDS["size"],
+        "colour": {c: (c,) for c in COLOURS},
+        "shape": {s: (s,) for s in SHAPES},
+    }
     forms = []
     for k, form in enumerate(dict.fromkeys(OBJECT_PHRASES)):
-        words = {
-            "size": NATURAL_WORDS["size"],
-            "colour": {c: (c,) for c in COLOURS},
-            "shape": {s: (s,) for s in SHAPES},
-        }
         tokens = form.split()
         pattern = ""
         for i, token in enumerate(tokens):
