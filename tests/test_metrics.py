@@ -1,4 +1,5 @@
 import json
+import random
 import warnings
 
 import numpy as np
@@ -11,10 +12,16 @@ from sdscratch import assets_dir
 from sdscratch.metrics import clip_score, frechet_distance
 from sdscratch.recipes import run_recipe
 from sdscratch.shapes.data import (
+    COLOURS,
+    RELATIONS,
+    SHAPES,
+    SIZES,
     Shapes,
+    natural_caption,
     parse_caption,
     render,
     render_batch,
+    satisfies,
     strip_geometry,
 )
 from sdscratch.shapes.evaluate import (
@@ -410,3 +417,46 @@ def test_judge_recipe_runs_briefly(tmp_path, monkeypatch):
     judge = Judge.from_pretrained(tmp_path)
     assert judge(torch.zeros(2, 3, 32, 32))["shape"].shape == (2, len(SLOTS), 6)
     assert (tmp_path / "judge" / "model.safetensors").stat().st_size <= 1_000_000
+
+
+def edited(attrs, rng):
+    """attrs with one thing changed (perhaps to the same value): a size, colour,
+    shape, the position or relation, or the number of objects."""
+    attrs = strip_geometry(attrs)
+    objects, kind = attrs["objects"], rng.choice(["value", "place", "count"])
+    if kind == "value":
+        obj, key = rng.choice(objects), rng.choice(["size", "colour", "shape"])
+        obj[key] = rng.choice(list({"size": SIZES, "colour": COLOURS,
+                                    "shape": SHAPES}[key]))  # fmt: skip
+    elif kind == "place" and len(objects) == 1:
+        objects[0]["position"] = rng.choice(SLOTS)
+    elif kind == "place":
+        attrs["relation"] = rng.choice(list(RELATIONS))
+        for obj, position in zip(objects, RELATIONS[attrs["relation"]]):
+            obj["position"] = position
+    elif len(objects) == 1:  # a second object below the first
+        second = objects[0] | {"colour": rng.choice(list(COLOURS))}
+        objects[0]["position"], second["position"] = RELATIONS["above"]
+        attrs = {"objects": [objects[0], second], "relation": "above"}
+    else:  # only the first object
+        attrs = {"objects": objects[:1], "relation": None}
+    return attrs
+
+
+def test_check_with_a_perfect_reader_agrees_with_satisfies():
+    """`check` (from what the judge reads) and `satisfies` (from the attrs) are two
+    statements of what a prompt asks: on many scene and caption pairs they agree."""
+    natural = Shapes("val", captions="natural")
+    pool = [natural.scene(i) for i in range(500)]  # one batch of the Oracle
+    rng = random.Random(0)
+    truth, asked, expected = [], [], []
+    for text, attrs in pool:
+        said = parse_caption(natural_caption(edited(attrs, rng), rng))
+        truth.append(attrs)
+        asked.append(said)
+        expected.append(satisfies(attrs, said))
+    assert 100 < sum(expected) < 400, "both answers occur often"
+    right = check(torch.zeros(len(truth), 3, 32, 32), asked, Oracle(truth))
+    assert right["scene"].tolist() == expected
+    for text, attrs in pool:
+        assert satisfies(attrs, parse_caption(text)), text

@@ -424,6 +424,32 @@ def parse_caption(text: str) -> dict:
     return {"objects": objects, "relation": relation}
 
 
+def satisfies(attrs: dict, asked: dict) -> bool:
+    """Whether a scene shows what a caption asks, where None means "any".
+
+    "a red circle" asks for one red circle of any size anywhere; "a red circle
+    above a blue square" for a red circle at the top, a blue square at the bottom
+    and nothing else. What `check` decides from the judge's reading of an image,
+    decided here from the scene's attrs.
+
+    Args:
+        attrs: a scene (every attribute named, as `Shapes` gives it).
+        asked: what a caption names (`parse_caption`; None: left out).
+    """
+    shown = {obj["position"]: obj for obj in attrs["objects"]}
+    wanted = asked["objects"]
+    if len(wanted) != len(shown):
+        return False
+    if wanted[0]["position"] is None:  # one object, anywhere
+        wanted = [wanted[0] | {"position": attrs["objects"][0]["position"]}]
+    for obj in wanted:
+        there = shown.get(obj["position"])
+        keys = ("shape", "colour", "size")
+        if there is None or any(obj[k] not in (None, there[k]) for k in keys):
+            return False
+    return True
+
+
 def vocabulary(captions=None) -> list[str]:
     """Every word (and punctuation mark) captions of a grammar use, sorted: what a
     tokenizer's vocabulary must keep whole.
