@@ -274,8 +274,10 @@ def cmd_evaluate(args):
         guidance_scale=args.guidance,
         seed=args.seed,
         batch_size=args.batch_size,
+        prompts=args.prompts,
     )
     settings = {key: getattr(args, key) for key in ("model", "samples", "sampler")}
+    settings["prompts"] = args.prompts
     settings |= {key: getattr(args, key) for key in ("steps", "guidance", "seed")}
     print(json.dumps(settings | result))
 
@@ -319,6 +321,13 @@ def add_evaluate_command(commands):
         type=positive_int,
         default=50,
         help="prompts per pipeline call (default: 50)",
+    )
+    evaluate.add_argument(
+        "--prompts",
+        choices=("full", "underspecified", "heldout"),
+        default="full",
+        help="full: every attribute named; underspecified: 'a red circle'...; "
+        "heldout: phrasings no training caption uses (default: full)",
     )
     evaluate.set_defaults(func=cmd_evaluate)
 

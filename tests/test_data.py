@@ -3,6 +3,7 @@ import hashlib
 import itertools
 import math
 import random
+import re
 import subprocess
 import sys
 
@@ -12,7 +13,14 @@ import torch
 
 from sdscratch.shapes.data import (
     BACKGROUND,
+    CAPTIONS,
     COLOURS,
+    HELDOUT_TEMPLATES,
+    NATURAL_PHRASINGS,
+    NATURAL_WORDS,
+    OMIT_ARTICLE,
+    OMIT_POSITION,
+    OMIT_SIZE,
     ONE_OBJECT_TEMPLATES,
     POSITION_WORDS,
     POSITIONS,
@@ -29,10 +37,12 @@ from sdscratch.shapes.data import (
     collate,
     object_masks,
     parse_caption,
+    plain_caption,
     render,
     render_batch,
     sample_attrs,
     strip_geometry,
+    uses_template,
     vocabulary,
 )
 
@@ -331,14 +341,19 @@ def test_canonical_caption_is_fixed():
 
 def test_vocabulary_is_exactly_the_words_captions_use(scenes):
     used = {word for text, _ in scenes for word in text.split()}
-    assert used == set(vocabulary())
+    assert used == set(vocabulary("templates")) == set(vocabulary())
     assert vocabulary() == sorted(vocabulary())
 
 
-def test_parse_caption_refuses_other_text():
-    for text in ("a red circle", "a small red circle on the moon", "a big dog"):
-        with pytest.raises(ValueError, match="not a Shapes caption"):
-            parse_caption(text)
+@pytest.mark.parametrize(
+    "text",
+    ["a pink heart", "a small red circle on the moon", "a big dog", "a red",
+     "circle red", "a red circle above", "a large circle", "a red circle, a blue star"],
+)  # fmt: skip
+def test_parse_caption_refuses_other_text(text):
+    with pytest.raises(ValueError) as error:
+        parse_caption(text)
+    assert str(error.value) == f"{text!r} is not a Shapes caption."
 
 
 def test_sample_attrs_accepts_numpy_generators():
@@ -377,3 +392,189 @@ def test_render_batch_matches_render():
     assert batch.shape == (len(scenes), 3, 64, 64)
     for scene, image in zip(scenes, batch):
         assert torch.equal(render(scene, 64), image)
+
+
+# ----------------------------------------------------------------------------------
+# Captions as people write them
+
+
+def words(text: str) -> list[str]:
+    """The words and punctuation marks of a caption, as a tokenizer splits them."""
+    return re.findall(r"\w+|[^\w\s]", text)
+
+
+@pytest.fixture(scope="module")
+def natural():
+    """(caption, attrs) of 3,000 natural training captions, over three seeds."""
+    return [
+        Shapes("train", seed=seed, captions="natural").scene(i)
+        for seed in range(3)
+        for i in range(1000)
+    ]
+
+
+def obj(shape, colour, size=None, position=None):
+    return {"shape": shape, "colour": colour, "size": size, "position": position}
+
+
+@pytest.mark.parametrize(
+    "text, objects, relation",
+    [
+        ("red circle", [obj("circle", "red")], None),
+        ("a big red circle", [obj("circle", "red", "large")], None),
+        ("a circle that is red", [obj("circle", "red")], None),
+        ("a red circle on the left", [obj("circle", "red", None, "left")], None),
+        ("on the left, a small red circle", [obj("circle", "red", "small", "left")],
+         None),
+        ("  On the left ,a Small red circle. ", [obj("circle", "red", "small", "left")],
+         None),
+        ("an orange star that is tiny", [obj("star", "orange", "small")], None),
+        ("there is a blue square in the centre",
+         [obj("square", "blue", None, "center")], None),
+        ("a small red circle on the left", [obj("circle", "red", "small", "left")],
+         None),
+        ("red circle above blue square",
+         [obj("circle", "red", None, "top"), obj("square", "blue", None, "bottom")],
+         "above"),
+        ("on top of a green cross, a star that is yellow",
+         [obj("star", "yellow", None, "top"), obj("cross", "green", None, "bottom")],
+         "above"),
+        ("a big diamond that is purple to the right of a little blue triangle",
+         [obj("diamond", "purple", "large", "right"),
+          obj("triangle", "blue", "small", "left")],
+         "right of"),
+    ],
+)  # fmt: skip
+def test_parse_caption_reads_what_people_write(text, objects, relation):
+    assert parse_caption(text) == {"objects": objects, "relation": relation}
+
+
+def test_natural_captions_parse_back_to_what_they_name(natural):
+    sizes = {w for options in NATURAL_WORDS["size"].values() for w in options}
+    places = {"left", "right", "top", "bottom", "center", "centre", "middle"}
+    for text, attrs in natural:
+        truth, read = strip_geometry(attrs), parse_caption(text)
+        assert read["relation"] == truth["relation"], text
+        assert len(read["objects"]) == len(truth["objects"]), text
+        for got, want in zip(read["objects"], truth["objects"]):
+            assert (got["shape"], got["colour"]) == (want["shape"], want["colour"])
+            assert got["size"] in (None, want["size"]), text
+            assert got["position"] in (None, want["position"]), text
+        named = [o["size"] for o in read["objects"] if o["size"] is not None]
+        assert len(named) == sum(word in sizes for word in words(text)), text
+        if truth["relation"] is None:  # a position word iff a position is read
+            placed = read["objects"][0]["position"] is not None
+            assert placed == bool(places & set(words(text))), text
+        else:
+            assert [o["position"] for o in read["objects"]] == [
+                o["position"] for o in truth["objects"]
+            ]
+
+
+def test_natural_captions_leave_out_size_position_and_article_at_random(natural):
+    read = [parse_caption(text) for text, _ in natural]
+    sizes = [o["size"] is None for attrs in read for o in attrs["objects"]]
+    ones = [a["objects"][0]["position"] is None for a in read if not a["relation"]]
+    bare = [not {"a", "an"} & set(words(text)) for text, _ in natural]
+    rates = ((sizes, OMIT_SIZE), (ones, OMIT_POSITION), (bare, OMIT_ARTICLE))
+    for omitted, rate in rates:
+        assert abs(sum(omitted) / len(omitted) - rate) < 0.04  # > 3 standard errors
+    two = [a for a in read if a["relation"]]
+    assert all(o["position"] for a in two for o in a["objects"]), "relations stay"
+
+
+def test_natural_captions_use_every_phrasing_and_word(natural):
+    texts = [text for text, _ in natural]
+    for template in NATURAL_PHRASINGS:
+        assert any(uses_template(text, template) for text in texts), template
+    colours, sizes = "|".join(COLOURS), "|".join(NATURAL_WORDS["size"]["small"] +
+                                                  NATURAL_WORDS["size"]["large"])
+    for form in (rf"that is ({colours})\b", rf"that is ({sizes})\b", "an orange"):
+        assert any(re.search(form, text) for text in texts), form
+    used = {word for text in texts for word in words(text)}
+    assert used == set(vocabulary("natural"))
+    assert set(vocabulary("templates")) < set(vocabulary("natural"))
+    assert len(set(texts)) > 0.9 * len(texts)
+
+
+def variants(attrs):
+    """attrs with every pattern of omissions: each object's size, and the position
+    of a single object."""
+    out = []
+    for sizes in itertools.product((False, True), repeat=len(attrs["objects"])):
+        for position in (False, True) if attrs["relation"] is None else (False,):
+            objects = [
+                o | {"size": None if drop else o["size"]}
+                for o, drop in zip(attrs["objects"], sizes)
+            ]
+            if position:
+                objects[0] = objects[0] | {"position": None}
+            out.append({"objects": objects, "relation": attrs["relation"]})
+    return out
+
+
+def fits(template, attrs):
+    two = attrs["relation"] is not None
+    placed = not two and attrs["objects"][0]["position"] is not None
+    return ("{relation}" in template) == two and ("{where}" in template) == placed
+
+
+HELDOUT = [t for templates in HELDOUT_TEMPLATES.values() for t in templates]
+
+
+def test_every_phrasing_and_omission_pattern_round_trips():
+    rng = random.Random(0)
+    for _ in range(150):
+        attrs = strip_geometry(sample_attrs(rng))
+        for variant in variants(attrs):
+            for template in (*NATURAL_PHRASINGS, *HELDOUT):
+                if not fits(template, variant):
+                    with pytest.raises(ValueError, match="does not fit"):
+                        plain_caption(variant, template=template)
+                    continue
+                for article in (True, False):
+                    text = plain_caption(variant, article, template)
+                    assert parse_caption(text) == variant, text
+                    assert uses_template(text, template)
+
+
+def test_no_training_caption_uses_a_heldout_phrasing(scenes):
+    natural = Shapes("train", seed=7, captions="natural")
+    texts = [natural.scene(i)[0] for i in range(10_000)] + [t for t, _ in scenes]
+    for text in texts:
+        assert not any(uses_template(text, template) for template in HELDOUT), text
+
+
+def test_heldout_phrasings_are_new_known_words_and_parse():
+    known = set(vocabulary("natural"))
+    rng = random.Random(1)
+    for _ in range(300):
+        attrs = strip_geometry(sample_attrs(rng))
+        for template in HELDOUT_TEMPLATES[len(attrs["objects"])]:
+            text = plain_caption(attrs, template=template)
+            assert parse_caption(text) == attrs, text
+            assert not any(uses_template(text, t) for t in NATURAL_PHRASINGS), text
+            assert set(words(text)) <= known, text
+    assert all(len(templates) >= 2 for templates in HELDOUT_TEMPLATES.values())
+
+
+def test_natural_captions_describe_the_same_scenes_and_images():
+    plain, natural = Shapes("val"), Shapes("val", captions="natural")
+    x, said, attrs = plain.batch(range(30))
+    y, written, same = natural.batch(range(30))
+    assert torch.equal(x, y) and attrs == same
+    assert sum(a == b for a, b in zip(said, written)) < 10
+
+
+def test_one_switch_selects_the_grammar(monkeypatch):
+    import sdscratch.shapes.data
+
+    assert CAPTIONS == "templates", "the bundled models learned today's captions"
+    assert Shapes("val").captions == "templates"
+    monkeypatch.setattr(sdscratch.shapes.data, "CAPTIONS", "natural")
+    assert Shapes("val").captions == "natural"
+    assert Shapes("val").scene(5) == Shapes("val", captions="natural").scene(5)
+    assert Shapes("val").scene(5) != Shapes("val", captions="templates").scene(5)
+    assert vocabulary() == vocabulary("natural")
+    with pytest.raises(ValueError, match="Unknown captions 'casual'"):
+        Shapes("val", captions="casual")

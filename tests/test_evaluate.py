@@ -8,7 +8,19 @@ import torch
 from conftest import run_cli
 from sdscratch.metrics import frechet_distance
 from sdscratch.pipeline import StableDiffusion
+from sdscratch.shapes.data import (
+    COLOURS,
+    HELDOUT_TEMPLATES,
+    NATURAL_PHRASINGS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    parse_caption,
+    render_batch,
+    uses_template,
+)
 from sdscratch.shapes.evaluate import (
+    PROMPT_SETS,
     evaluate_model,
     evaluation_prompts,
     fid_floor,
@@ -16,6 +28,8 @@ from sdscratch.shapes.evaluate import (
     real_images,
 )
 from sdscratch.shapes.judge import Judge, JudgeConfig, image_features, prompt_accuracy
+
+HELDOUT = [t for templates in HELDOUT_TEMPLATES.values() for t in templates]
 
 
 def tiny_pipeline() -> StableDiffusion:
@@ -123,10 +137,10 @@ def test_evaluate_model_speaks_the_pipelines_keywords(checkpoint):
 class PerfectPipeline(StableDiffusion):
     """Draws each prompt's own test scene: what a perfect model could give."""
 
-    def __init__(self, n, scenes=0):
+    def __init__(self, n, scenes=0, prompts="full"):
         self.images = real_images(n, "test", seed=scenes)[0]
-        # the canonical captions of those scenes
-        self.captions = evaluation_prompts(n, seed=scenes)[0]
+        # the canonical (or held-out) captions of those scenes
+        self.captions = evaluation_prompts(n, seed=scenes, prompts=prompts)[0]
         self.schedule, self.calls, self.done = None, [], 0
 
     def __call__(self, prompts, **options):
@@ -167,6 +181,106 @@ def test_evaluate_model_draws_prompts_and_real_images_from_the_scenes_seed():
     assert result["fid_floor"] != pytest.approx(fid_floor(20), rel=1e-3)
 
 
+# ----------------------------------------------------------------------------------
+# Prompt sets
+
+
+def test_underspecified_prompts_leave_out_size_position_or_both():
+    captions, scenes = evaluation_prompts(600, prompts="underspecified")
+    patterns = []
+    for text, attrs in zip(captions, scenes):
+        assert attrs["relation"] is None and len(attrs["objects"]) == 1, text
+        (obj,) = attrs["objects"]
+        assert obj["shape"] in SHAPES and obj["colour"] in COLOURS, text
+        patterns.append((obj["size"] is None, obj["position"] is None))
+    for pattern in ((True, False), (False, True), (True, True)):  # size, position
+        assert abs(patterns.count(pattern) / 600 - 1 / 3) < 0.07, pattern
+    assert (False, False) not in patterns
+    objects = [attrs["objects"][0] for attrs in scenes]
+    for key, values in (("shape", SHAPES), ("colour", COLOURS)):
+        assert {o[key] for o in objects} == set(values), key
+    for key, values in (("size", SIZES), ("position", POSITIONS)):
+        assert {o[key] for o in objects} == {*values, None}, key
+    bare = [text for text in captions if text.split()[0] not in ("a", "an")]
+    assert abs(len(bare) / 600 - 0.5) < 0.07
+    assert evaluation_prompts(50, prompts="underspecified")[0] == captions[:50]
+    other = evaluation_prompts(50, prompts="underspecified", seed=1)[0]
+    assert other != captions[:50]
+    with pytest.raises(ValueError, match="one object"):
+        evaluation_prompts(5, objects=2, prompts="underspecified")
+
+
+def test_heldout_prompts_describe_the_test_scenes_in_new_phrasings():
+    captions, scenes = evaluation_prompts(200, prompts="heldout")
+    assert scenes == evaluation_prompts(200)[1]  # the full prompts' scenes
+    used = set()
+    for text in captions:
+        (template,) = [t for t in HELDOUT if uses_template(text, t)]
+        used.add(template)
+        assert not any(uses_template(text, t) for t in NATURAL_PHRASINGS), text
+    assert used == set(HELDOUT)
+    captions, scenes = evaluation_prompts(20, objects=2, prompts="heldout")
+    assert all(len(attrs["objects"]) == 2 for attrs in scenes)
+    with pytest.raises(ValueError, match="Unknown prompts 'casual'"):
+        evaluation_prompts(5, prompts="casual")
+
+
+OPPOSITE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
+
+
+class ObedientPipeline(StableDiffusion):
+    """Draws what each prompt names (a left-out size: large, a left-out position:
+    left); with `extra`, every other picture gets a second, small object opposite
+    (none if the first is in the center: there is no room)."""
+
+    def __init__(self, extra=False):
+        self.schedule, self.extra, self.done = None, extra, 0
+
+    def __call__(self, prompts, **options):
+        scenes = []
+        for text in prompts:
+            (obj,) = parse_caption(text)["objects"]
+            obj = obj | {"size": obj["size"] or "large"}
+            obj = obj | {"position": obj["position"] or "left"}
+            objects = [obj]
+            if self.extra and self.done % 2 and obj["position"] in OPPOSITE:
+                opposite = OPPOSITE[obj["position"]]
+                objects.append(obj | {"size": "small", "position": opposite})
+            scenes.append({"objects": objects, "relation": None})
+            self.done += 1
+        return render_batch(scenes)
+
+
+def test_evaluate_model_on_underspecified_prompts():
+    from test_metrics import tiny_clip
+
+    options = dict(samples=24, batch_size=10, prompts="underspecified",
+                   clip=tiny_clip(), progress=False)  # fmt: skip
+    result = evaluate_model(ObedientPipeline(), **options)
+    assert result["prompt_accuracy_one_object"] == 1
+    assert result["one_object_prompts"] == 24 and result["two_object_prompts"] == 0
+    assert "fid" not in result and "fid_floor" not in result
+    assert "prompt_accuracy_two_objects" not in result
+    doubled = evaluate_model(ObedientPipeline(extra=True), **options)
+    _, scenes = evaluation_prompts(24, prompts="underspecified")
+    extra = [i % 2 and s["objects"][0]["position"] != "center"
+             for i, s in enumerate(scenes)]  # fmt: skip
+    assert sum(extra) >= 8
+    assert doubled["prompt_accuracy_one_object"] == 1 - sum(extra) / 24
+    assert doubled["attributes_one_object"]["position"] == 1 - sum(extra) / 24
+
+
+def test_evaluate_model_on_heldout_prompts_of_a_perfect_model():
+    from test_metrics import tiny_clip
+
+    pipe = PerfectPipeline(30, prompts="heldout")
+    result = evaluate_model(pipe, samples=30, prompts="heldout", clip=tiny_clip(),
+                            progress=False)  # fmt: skip
+    assert result["prompt_accuracy_one_object"] == 1
+    assert result["prompt_accuracy_two_objects"] == 1
+    assert result["fid"] == pytest.approx(result["fid_floor"], rel=1e-9)
+
+
 def evaluate(*args):
     """Run `sdscratch evaluate ARGS` in this process: (exit code, stdout, stderr)."""
     return run_cli("evaluate", *args)
@@ -203,3 +317,32 @@ def test_evaluate_prints_one_json_line(checkpoint):
     for key in ("prompt_accuracy_one_object", "prompt_accuracy_two_objects", "fid",
                 "fid_floor", "clip_score", "seconds_per_image"):  # fmt: skip
         assert isinstance(result[key], float), key
+
+
+@pytest.mark.parametrize("prompts", PROMPT_SETS)
+def test_evaluate_chooses_the_prompt_set(checkpoint, prompts):
+    code, out, err = evaluate("--model", checkpoint, "--samples", 3, "--steps", 1,
+                              "--prompts", prompts)  # fmt: skip
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["prompts"] == prompts
+    assert ("fid" in result) == (prompts != "underspecified")
+    if prompts == "underspecified":
+        assert result["one_object_prompts"] == 3
+
+
+def test_evaluate_refuses_an_unknown_prompt_set(checkpoint):
+    code, out, err = evaluate("--model", checkpoint, "--prompts", "casual")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert "invalid choice: 'casual'" in err
+
+
+def test_a_prompt_the_grammar_cannot_read_still_generates():
+    """Unknown words are no Shapes caption (so never evaluation ground truth), but
+    the bundled model still draws something for them."""
+    with pytest.raises(ValueError, match="is not a Shapes caption"):
+        parse_caption("a pink heart")
+    pipe = StableDiffusion.from_pretrained("shapes-ldm")
+    images = pipe(["a pink heart"], num_inference_steps=2, output_type="pt",
+                  generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert images.shape[0] == 1 and torch.isfinite(images).all()

@@ -1,4 +1,5 @@
 import json
+import random
 import warnings
 
 import numpy as np
@@ -11,10 +12,16 @@ from sdscratch import assets_dir
 from sdscratch.metrics import clip_score, frechet_distance
 from sdscratch.recipes import run_recipe
 from sdscratch.shapes.data import (
+    COLOURS,
+    RELATIONS,
+    SHAPES,
+    SIZES,
     Shapes,
+    natural_caption,
     parse_caption,
     render,
     render_batch,
+    satisfies,
     strip_geometry,
 )
 from sdscratch.shapes.evaluate import (
@@ -201,6 +208,71 @@ def test_prompt_accuracy_counts_every_wrong_attribute():
     assert accuracy["colour"] == pytest.approx(4 / 6)
 
 
+def test_check_reads_a_left_out_attribute_as_any():
+    truth = ["a large red circle on the left"] * 8 + [
+        "a large red circle above a small blue square"
+    ] * 5 + [{"objects": [], "relation": None}]  # fmt: skip
+    asked = [
+        ("a red circle", dict(scene=True)),
+        ("red circle", dict(scene=True)),
+        ("a circle that is red on the left", dict(scene=True)),
+        ("a blue circle", dict(scene=False, colour=False)),
+        ("a small red circle", dict(scene=False, size=False)),
+        ("a red square", dict(scene=False, shape=False)),
+        # a position named: read there, where nothing is
+        ("red circle on the right", dict(scene=False, position=False, shape=False,
+                                         colour=False, size=False)),
+        ("a large red circle at the top", dict(scene=False, position=False,
+                                               shape=False, colour=False,
+                                               size=False)),
+        # two objects where one was asked: the position is wrong, the rest is read
+        # at the object that shows most of it (here the bottom one)
+        ("a red circle", dict(scene=False, position=False)),
+        ("a small blue square", dict(scene=False, position=False)),
+        ("a small green square", dict(scene=False, position=False, colour=False)),
+        ("a red circle above a blue square", dict(scene=True)),
+        ("red circle above blue square that is large", dict(scene=False, size=False)),
+        # an empty picture shows nothing that was asked
+        ("a red circle", dict(scene=False, position=False, shape=False,
+                              colour=False, size=False)),
+    ]  # fmt: skip
+    right = check(torch.zeros(len(truth), 3, 32, 32), [a for a, _ in asked],
+                  Oracle(truth))  # fmt: skip
+    for i, (text, wrong) in enumerate(asked):
+        expected = {"position": True, "shape": True, "colour": True, "size": True}
+        expected |= wrong
+        got = {name: right[name][i].item() for name in expected}
+        assert got == expected, (i, text)
+    oracle, images = Oracle(truth[:8]), torch.zeros(8, 3, 32, 32)
+    texts = [a for a, _ in asked[:8]]
+    assert prompt_accuracy(images, texts, oracle) == 3 / 8
+    accuracy = attribute_accuracy(images, texts, oracle)
+    assert (accuracy["position"], accuracy["colour"]) == (6 / 8, 5 / 8)
+
+
+def test_a_left_out_position_is_only_for_one_object():
+    floating = {"shape": "circle", "colour": "red", "size": None, "position": None}
+    with pytest.raises(ValueError, match="position"):
+        slot_targets([{"objects": [floating], "relation": None}])
+    pair = {"objects": [floating, floating], "relation": None}
+    with pytest.raises(ValueError, match="one-object"):
+        check(torch.zeros(1, 3, 32, 32), [pair], Oracle(["a red circle on the left"]))
+    targets = slot_targets(["a red circle on the left"])
+    assert targets["size"][0, SLOTS.index("left")] == -100  # left out: any size
+
+
+def test_bundled_judge_checks_underspecified_prompts():
+    truth = [
+        "a large red circle on the left",
+        "a large red circle above a small blue square",
+        "a little blue star at the bottom",
+        "a little blue star at the bottom",
+    ]
+    images = render_batch([scene(t) for t in truth])
+    asked = ["a red circle", "a red circle", "blue star", "a big blue star"]
+    assert check(images, asked)["scene"].tolist() == [True, False, True, False]
+
+
 # ----------------------------------------------------------------------------------
 # The bundled judge on real images it never saw
 
@@ -345,3 +417,46 @@ def test_judge_recipe_runs_briefly(tmp_path, monkeypatch):
     judge = Judge.from_pretrained(tmp_path)
     assert judge(torch.zeros(2, 3, 32, 32))["shape"].shape == (2, len(SLOTS), 6)
     assert (tmp_path / "judge" / "model.safetensors").stat().st_size <= 1_000_000
+
+
+def edited(attrs, rng):
+    """attrs with one thing changed (perhaps to the same value): a size, colour,
+    shape, the position or relation, or the number of objects."""
+    attrs = strip_geometry(attrs)
+    objects, kind = attrs["objects"], rng.choice(["value", "place", "count"])
+    if kind == "value":
+        obj, key = rng.choice(objects), rng.choice(["size", "colour", "shape"])
+        obj[key] = rng.choice(list({"size": SIZES, "colour": COLOURS,
+                                    "shape": SHAPES}[key]))  # fmt: skip
+    elif kind == "place" and len(objects) == 1:
+        objects[0]["position"] = rng.choice(SLOTS)
+    elif kind == "place":
+        attrs["relation"] = rng.choice(list(RELATIONS))
+        for obj, position in zip(objects, RELATIONS[attrs["relation"]]):
+            obj["position"] = position
+    elif len(objects) == 1:  # a second object below the first
+        second = objects[0] | {"colour": rng.choice(list(COLOURS))}
+        objects[0]["position"], second["position"] = RELATIONS["above"]
+        attrs = {"objects": [objects[0], second], "relation": "above"}
+    else:  # only the first object
+        attrs = {"objects": objects[:1], "relation": None}
+    return attrs
+
+
+def test_check_with_a_perfect_reader_agrees_with_satisfies():
+    """`check` (from what the judge reads) and `satisfies` (from the attrs) are two
+    statements of what a prompt asks: on many scene and caption pairs they agree."""
+    natural = Shapes("val", captions="natural")
+    pool = [natural.scene(i) for i in range(500)]  # one batch of the Oracle
+    rng = random.Random(0)
+    truth, asked, expected = [], [], []
+    for text, attrs in pool:
+        said = parse_caption(natural_caption(edited(attrs, rng), rng))
+        truth.append(attrs)
+        asked.append(said)
+        expected.append(satisfies(attrs, said))
+    assert 100 < sum(expected) < 400, "both answers occur often"
+    right = check(torch.zeros(len(truth), 3, 32, 32), asked, Oracle(truth))
+    assert right["scene"].tolist() == expected
+    for text, attrs in pool:
+        assert satisfies(attrs, parse_caption(text)), text

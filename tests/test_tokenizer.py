@@ -205,3 +205,17 @@ def test_bundled_vocabulary_is_small_and_holds_every_caption_word():
     assert len(tokenizer) <= 1000
     for word in vocabulary():
         assert tokenizer.tokenize(word) == [word + "</w>"]
+
+
+def test_a_vocabulary_learned_from_natural_captions_keeps_their_words_whole():
+    """What the clip recipe demands of its tokenizer, once it learns from captions
+    as people write them: every word one token, every caption within the context."""
+    from sdscratch.recipes.clip import CLIP_CONTEXT
+
+    train = Shapes("train", captions="natural")
+    captions = [train.scene(i)[0] for i in range(5000)]
+    tokenizer = train_bpe(captions, vocab_size=1000, context_length=CLIP_CONTEXT)
+    for word in vocabulary("natural"):
+        assert tokenizer.tokenize(word) == [word + "</w>"], word
+    longest = max(len(tokenizer.tokenize(text)) for text in captions)
+    assert longest + 2 <= CLIP_CONTEXT  # with BOS and EOS

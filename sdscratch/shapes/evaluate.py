@@ -7,6 +7,7 @@ FID(test[:n], val[:n]). `evaluate_model` is the one evaluation path: what
 manifest.
 """
 
+import random
 import time
 
 import torch
@@ -15,7 +16,18 @@ from tqdm.auto import tqdm
 from sdscratch.metrics import as_tensor, bundled_clip, clip_score, frechet_distance
 from sdscratch.pipeline import StableDiffusion
 from sdscratch.samplers import noise_levels
-from sdscratch.shapes.data import Shapes, canonical_caption, strip_geometry
+from sdscratch.shapes.data import (
+    COLOURS,
+    HELDOUT_TEMPLATES,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    Shapes,
+    canonical_caption,
+    parse_caption,
+    plain_caption,
+    strip_geometry,
+)
 from sdscratch.shapes.judge import attribute_accuracy, bundled_judge, image_features
 
 # ----------------------------------------------------------------------------------
@@ -46,34 +58,88 @@ def fid_floor(n, judge=None, seed=0) -> float:
     return frechet_distance(test, real_features(n, "val", seed, judge=judge))
 
 
-def evaluation_prompts(n, objects=None, split="test", seed=0) -> tuple[list, list]:
-    """The first n scenes of a split as prompts: (canonical captions, attrs).
+PROMPT_SETS = ("full", "underspecified", "heldout")
+
+
+def evaluation_prompts(
+    n, objects=None, split="test", seed=0, prompts="full"
+) -> tuple[list, list]:
+    """n evaluation prompts and what each asks: (captions, attrs).
 
     Args:
-        objects: 1 or 2 to keep only scenes with that many objects; None: all.
-        seed: Shapes' seed of the scenes (the course's dataset: 0).
+        n: the number of prompts.
+        objects: 1 or 2 to keep only prompts with that many objects; None: all.
+        split: the Shapes split whose scenes "full" and "heldout" prompts describe.
+        seed: Shapes' seed of the scenes (the course's dataset: 0); for
+            "underspecified", the seed of the draws.
+        prompts: which set. "full": canonical captions of the split's first
+            scenes, naming every attribute ("a small red circle on the left").
+            "underspecified": one-object prompts that leave out the size, the
+            position or both, and at random the article ("a red circle",
+            "a large blue star", "green triangle on the left"), drawn uniformly
+            over those three patterns and every shape, colour, size and position.
+            "heldout": the split's scenes in phrasings no training caption uses
+            (`HELDOUT_TEMPLATES`, taken in turn), every attribute named.
     Returns:
-        n captions ("a small red circle on the left") and their attrs, without
-        geometry (what the caption says, and what `prompt_accuracy` checks).
+        n captions and their attrs without geometry, as `parse_caption` reads each
+        caption (None: left out, any value): what `prompt_accuracy` checks.
     """
-    dataset, captions, scenes = Shapes(split, seed=seed), [], []
+    if prompts not in PROMPT_SETS:
+        raise ValueError(f"Unknown prompts {prompts!r}; choose one of {PROMPT_SETS}.")
+    if prompts == "underspecified":
+        if objects not in (None, 1):
+            raise ValueError("Underspecified prompts have one object each.")
+        captions = _underspecified(n, seed)
+    else:
+        captions = _scene_prompts(n, objects, split, seed, prompts == "heldout")
+    return captions, [parse_caption(text) for text in captions]
+
+
+def _scene_prompts(n, objects, split, seed, heldout) -> list[str]:
+    """Captions of the first n scenes of a split (with `objects` objects): canonical,
+    or each in the next held-out phrasing for its number of objects."""
+    dataset, captions = Shapes(split, seed=seed), []
     for i in range(len(dataset)):
-        if len(scenes) == n:
+        if len(captions) == n:
             break
         attrs = strip_geometry(dataset.scene(i)[1])
-        if objects is None or len(attrs["objects"]) == objects:
-            captions.append(canonical_caption(attrs))
-            scenes.append(attrs)
-    if len(scenes) < n:
-        raise ValueError(f"The {split} split has only {len(scenes)} such scenes.")
-    return captions, scenes
+        count = len(attrs["objects"])
+        if objects is None or count == objects:
+            if heldout:
+                templates = HELDOUT_TEMPLATES[count]
+                template = templates[len(captions) % len(templates)]
+                captions.append(plain_caption(attrs, template=template))
+            else:
+                captions.append(canonical_caption(attrs))
+    if len(captions) < n:
+        raise ValueError(f"The {split} split has only {len(captions)} such scenes.")
+    return captions
+
+
+def _underspecified(n, seed) -> list[str]:
+    """n one-object prompts that leave out size, position or both (see above)."""
+    rng = random.Random(f"underspecified/{seed}")
+    captions = []
+    for _ in range(n):
+        omit = rng.choice(("size", "position", "both"))
+        obj = {
+            "shape": rng.choice(SHAPES),
+            "colour": rng.choice(tuple(COLOURS)),
+            "size": None if omit != "position" else rng.choice(tuple(SIZES)),
+            "position": None if omit != "size" else rng.choice(tuple(POSITIONS)),
+        }
+        attrs = {"objects": [obj], "relation": None}
+        captions.append(plain_caption(attrs, article=rng.random() < 0.5))
+    return captions
 
 
 # ----------------------------------------------------------------------------------
 # Everything at once
 
 
-def evaluate_samples(images, captions, scenes, reference=None, judge=None, clip=None):
+def evaluate_samples(
+    images, captions, scenes, reference=None, judge=None, clip=None, fid=True
+):
     """Prompt accuracy (one- and two-object prompts apart), FID and CLIP score.
 
     Args:
@@ -84,6 +150,8 @@ def evaluate_samples(images, captions, scenes, reference=None, judge=None, clip=
         reference: (M, hidden) features of real images for FID (default: the first
             N of the val split); compare the FID with `fid_floor(N)`.
         judge, clip: a `Judge` and a `CLIP` (default: the bundled ones).
+        fid: False to leave FID out (when the prompts do not describe scenes
+            distributed as the reference's, FID measures nothing).
     Returns:
         {"prompt_accuracy_one_object": float, "prompt_accuracy_two_objects": float,
          "attributes_one_object": {attribute: float}, "attributes_two_objects": …,
@@ -91,7 +159,7 @@ def evaluate_samples(images, captions, scenes, reference=None, judge=None, clip=
     """
     images = as_tensor(images)
     judge = judge or bundled_judge()
-    if reference is None:
+    if fid and reference is None:
         reference = real_features(len(images), "val", judge=judge)
     result = {}
     for count, name in ((1, "one_object"), (2, "two_objects")):
@@ -100,7 +168,8 @@ def evaluate_samples(images, captions, scenes, reference=None, judge=None, clip=
             right = attribute_accuracy(images[keep], [scenes[i] for i in keep], judge)
             result[f"prompt_accuracy_{name}"] = right["scene"]
             result[f"attributes_{name}"] = right
-    result["fid"] = frechet_distance(image_features(images, judge), reference)
+    if fid:
+        result["fid"] = frechet_distance(image_features(images, judge), reference)
     result["clip_score"] = clip_score(images, captions, clip)
     return result
 
@@ -114,6 +183,7 @@ def evaluate_model(
     seed=0,
     batch_size=50,
     scenes=0,
+    prompts="full",
     judge=None,
     clip=None,
     progress=True,
@@ -134,6 +204,9 @@ def evaluate_model(
         batch_size: prompts per pipeline call.
         scenes: Shapes' seed of the prompts' and the real images' scenes (the
             course's dataset: 0).
+        prompts: the prompt set, "full", "underspecified" or "heldout" (see
+            `evaluation_prompts`). Underspecified prompts describe no test scenes,
+            so they get no FID.
         judge, clip: a `Judge` and a `CLIP` (default: the bundled ones).
     Returns:
         `evaluate_samples`' figures, plus "fid_floor", the numbers of one- and
@@ -150,25 +223,33 @@ def evaluate_model(
     noise_levels(sampler, num_inference_steps, pipe.schedule)  # a bad sampler: now
     judge = judge or bundled_judge()
     clip = clip or bundled_clip()  # loaded (and checked) before the long part
-    captions, attrs = evaluation_prompts(samples, seed=scenes)
+    captions, attrs = evaluation_prompts(samples, seed=scenes, prompts=prompts)
     generator = torch.Generator().manual_seed(seed)
     settings = dict(num_inference_steps=num_inference_steps,
                     guidance_scale=guidance_scale, sampler=sampler)  # fmt: skip
     images, wall, cpu = _generate(
         pipe, captions, generator, batch_size, progress, **settings
     )  # (N, 3, H, W)
-    reference = real_features(samples, "val", scenes, judge=judge)  # (N, hidden)
-    result = evaluate_samples(images, captions, attrs, reference, judge, clip)
-    test = real_features(samples, "test", scenes, judge=judge)  # the prompts' own
     counts = [len(scene["objects"]) for scene in attrs]
     return {
         "one_object_prompts": counts.count(1),
         "two_object_prompts": counts.count(2),
-        **result,
-        "fid_floor": frechet_distance(test, reference),  # fid_floor(samples, scenes)
+        **_scores(images, captions, attrs, scenes, prompts != "underspecified",
+                  judge, clip),  # fmt: skip
         "seconds_per_image": wall / samples,
         "cpu_seconds_per_image": cpu / samples,
     }
+
+
+def _scores(images, captions, attrs, scenes, fid, judge, clip) -> dict:
+    """`evaluate_samples`' figures and, with `fid`, the FID floor at the same N."""
+    if not fid:
+        return evaluate_samples(images, captions, attrs, None, judge, clip, fid=False)
+    n = len(images)
+    reference = real_features(n, "val", scenes, judge=judge)  # (N, hidden)
+    result = evaluate_samples(images, captions, attrs, reference, judge, clip)
+    test = real_features(n, "test", scenes, judge=judge)  # the prompts' own scenes
+    return result | {"fid_floor": frechet_distance(test, reference)}
 
 
 def _generate(pipe, captions, generator, batch_size, progress, **settings):

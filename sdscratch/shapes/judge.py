@@ -1,12 +1,13 @@
 """The judge: a small classifier that reads what a Shapes image shows, and prompt
 accuracy, the share of generated images that show what their prompt asked.
 
-A Shapes prompt names every attribute of its scene, so whether an image shows what
+A Shapes prompt names the attributes of its scene, so whether an image shows what
 was asked can be *checked*: the judge, trained on real Shapes images, reads shape,
 colour and size of the object at each of the five positions, and `prompt_accuracy`
-counts the images in which every requested attribute is right. Its penultimate
-features (`image_features`) are what FID compares on Shapes, where Heusel et al.
-2017 use Inception-v3's for photographs.
+counts the images in which every requested attribute is right (an attribute the
+prompt leaves out, as "a red circle" leaves out size and position, may be anything,
+but one object is one object). Its penultimate features (`image_features`) are what
+FID compares on Shapes, where Heusel et al. 2017 use Inception-v3's for photographs.
 
 The judge reads *positions*, not "first" and "second" objects: "a red circle above a
 blue square" and "a blue square below a red circle" are one picture (circle at the
@@ -149,7 +150,11 @@ def slot_targets(scenes: list) -> dict[str, torch.Tensor]:
     """attrs (or captions) -> {attribute: (B, slots) long}: the judge's targets.
 
     `present` is 1 at the positions an object occupies; the other attributes are
-    the value's index there and IGNORE at empty slots.
+    the value's index there, and IGNORE at empty slots and where a caption leaves
+    the attribute out (None: any value).
+
+    Raises:
+        ValueError: if an object has no position (`check` places such objects).
     """
     targets = {
         name: torch.full((len(scenes), len(SLOTS)), IGNORE) for name in ATTRIBUTES
@@ -158,10 +163,13 @@ def slot_targets(scenes: list) -> dict[str, torch.Tensor]:
     for b, attrs in enumerate(scenes):
         attrs = parse_caption(attrs) if isinstance(attrs, str) else attrs
         for obj in attrs["objects"]:
+            if obj["position"] is None:
+                raise ValueError("slot_targets needs every object's position.")
             s = SLOTS.index(obj["position"])
             targets["present"][b, s] = 1
             for name in VALUES:
-                targets[name][b, s] = ATTRIBUTES[name].index(obj[name])
+                if obj[name] is not None:
+                    targets[name][b, s] = ATTRIBUTES[name].index(obj[name])
     return targets
 
 
@@ -260,13 +268,18 @@ def _batched(fn, images, batch_size=500) -> list:
 def check(images, scenes, judge=None) -> dict[str, torch.Tensor]:
     """Which requested attributes each image shows, as the judge reads it.
 
+    An attribute a prompt leaves out (None, as in "a red circle") accepts any value.
+    A one-object prompt without a position asks for exactly one object, anywhere;
+    its shape, colour and size are read at the object that shows most of them.
+
     Args:
         images: (B, 3, H, W) in [-1, 1], or B PIL images.
         scenes: B attrs (dicts, as `Shapes` gives) or captions: what was asked.
         judge: a `Judge` (default: the bundled one).
     Returns:
         {name: (B,) bool} for "position" (objects at exactly the requested positions,
-        none elsewhere: for two objects this is the relation), "shape", "colour",
+        none elsewhere: for two objects this is the relation; a prompt without a
+        position asks for exactly one object anywhere), "shape", "colour",
         "size" (of every requested object, read at its position; a missing object
         has none right) and "scene" (all of them).
     """
@@ -277,14 +290,43 @@ def check(images, scenes, judge=None) -> dict[str, torch.Tensor]:
     device = _device(judge)
     batches = _batched(lambda x: judge.read(x.to(device)), images)
     read = {name: torch.cat([b[name] for b in batches]).cpu() for name in ATTRIBUTES}
-    targets = slot_targets(scenes)
+    scenes = [parse_caption(s) if isinstance(s, str) else s for s in scenes]
+    # an object asked anywhere is placed where the judge reads one (so its position
+    # is right if that is the only object the judge reads)
+    targets = slot_targets([_place(attrs, read, b) for b, attrs in enumerate(scenes)])
     asked = targets["present"].bool()  # (B, slots)
     right = {"position": (read["present"] == targets["present"]).all(1)}
     for name in VALUES:
-        found = read["present"].bool() & (read[name] == targets[name])
+        same = (read[name] == targets[name]) | (targets[name] == IGNORE)
+        found = read["present"].bool() & same
         right[name] = (found | ~asked).all(1)
     right["scene"] = torch.stack(list(right.values())).all(0)
     return right
+
+
+def _anywhere(attrs: dict) -> bool:
+    """Whether attrs leave the position of their one object out."""
+    unplaced = [obj["position"] is None for obj in attrs["objects"]]
+    if any(unplaced) and len(unplaced) != 1:
+        raise ValueError("Only a one-object scene can leave its position out.")
+    return any(unplaced)
+
+
+def _place(attrs: dict, read: dict, b: int) -> dict:
+    """attrs with an object that has no position put at the slot where the judge
+    reads an object that shows most of what was asked (the first such slot;
+    "center" if the judge reads none, where it then finds nothing right)."""
+    if not _anywhere(attrs):
+        return attrs
+    obj = attrs["objects"][0]
+
+    def agrees(s):  # how many of the asked attributes the object at slot s shows
+        shown = {name: ATTRIBUTES[name][read[name][b, s]] for name in VALUES}
+        return sum(obj[name] in (None, shown[name]) for name in VALUES)
+
+    present = read["present"][b].nonzero()[:, 0].tolist()
+    best = max(present, key=agrees, default=SLOTS.index("center"))
+    return {"objects": [obj | {"position": SLOTS[best]}], "relation": None}
 
 
 def attribute_accuracy(images, scenes, judge=None) -> dict[str, float]:
