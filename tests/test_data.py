@@ -567,11 +567,11 @@ def test_natural_captions_describe_the_same_scenes_and_images():
 
 
 def test_one_switch_selects_the_grammar(monkeypatch):
-    import sdscratch.shapes.data
+    import sdscratch.shapes.captions
 
     assert CAPTIONS == "templates", "the bundled models learned today's captions"
     assert Shapes("val").captions == "templates"
-    monkeypatch.setattr(sdscratch.shapes.data, "CAPTIONS", "natural")
+    monkeypatch.setattr(sdscratch.shapes.captions, "CAPTIONS", "natural")
     assert Shapes("val").captions == "natural"
     assert Shapes("val").scene(5) == Shapes("val", captions="natural").scene(5)
     assert Shapes("val").scene(5) != Shapes("val", captions="templates").scene(5)

@@ -234,8 +234,9 @@ def evaluate_model(
     return {
         "one_object_prompts": counts.count(1),
         "two_object_prompts": counts.count(2),
-        **_scores(images, captions, attrs, scenes, prompts != "underspecified",
-                  judge, clip),  # fmt: skip
+        **_scores(
+            images, captions, attrs, scenes, prompts != "underspecified", judge, clip
+        ),  # fmt: skip
         "seconds_per_image": wall / samples,
         "cpu_seconds_per_image": cpu / samples,
     }
