@@ -487,8 +487,10 @@ def test_natural_captions_use_every_phrasing_and_word(natural):
     texts = [text for text, _ in natural]
     for template in NATURAL_PHRASINGS:
         assert any(uses_template(text, template) for text in texts), template
-    colours, sizes = "|".join(COLOURS), "|".join(NATURAL_WORDS["size"]["small"] +
-                                                  NATURAL_WORDS["size"]["large"])
+    colours, sizes = (
+        "|".join(COLOURS),
+        "|".join(NATURAL_WORDS["size"]["small"] + NATURAL_WORDS["size"]["large"]),
+    )
     for form in (rf"that is ({colours})\b", rf"that is ({sizes})\b", "an orange"):
         assert any(re.search(form, text) for text in texts), form
     used = {word for text in texts for word in words(text)}
