@@ -33,13 +33,14 @@ TARGET = 0.97  # agreement of a reader with the labeller, per attribute and size
 READERS = {"judge": judge_reader(), "outline": outline_reader}
 # (labels file, reader) -> the (attribute, size group) measured below the target.
 # Keep it true: the test fails when one of these reaches the target too.
+SHAPE_BELOW = {("shape", "all"), ("shape", "large"), ("shape", "small")}
 BELOW_TARGET = {
     # The bundled judge calls small round blobs "star" (and 4-point blobs "cross").
-    ("shapes-ldm-pilot", "judge"): {("shape", "all"), ("shape", "large"),
-                                    ("shape", "small")},  # fmt: skip
+    ("shapes-ldm-pilot", "judge"): SHAPE_BELOW,
+    ("shapes-ldm-pilot-2", "judge"): SHAPE_BELOW,
     # The outline measure reads lumpy blobs as circles, thin crosses as diamonds.
-    ("shapes-ldm-pilot", "outline"): {("shape", "all"), ("shape", "large"),
-                                      ("shape", "small")},  # fmt: skip
+    ("shapes-ldm-pilot", "outline"): SHAPE_BELOW,
+    ("shapes-ldm-pilot-2", "outline"): SHAPE_BELOW,
 }
 
 
@@ -144,3 +145,15 @@ def test_sheet_shows_every_pixel_enlarged():
     tile = picture.crop((4, 14, 4 + 128, 14 + 128)).resize((32, 32), Image.NEAREST)
     assert (torch.tensor(list(tile.getdata())) == torch.from_numpy(
         to_uint8(images)[0]).reshape(-1, 3)).all()  # fmt: skip
+
+
+def test_what_the_labeller_could_not_read():
+    """An unreadable size or colour is not compared; an unreadable shape is, and
+    only a reader that says "unreadable" agrees with it."""
+    images, labels = ground_truth_labels(n=4)
+    labels["images"][0]["objects"][0]["size"] = "unreadable"
+    labels["images"][1]["objects"][0]["shape"] = "unreadable"
+    counts = agreement(outline_reader(images), labels)
+    objects = sum(len(entry["objects"]) for entry in labels["images"])
+    assert counts["size"]["all"] == (objects - 1, objects - 1)
+    assert counts["shape"]["all"] == (objects - 1, objects)

@@ -208,7 +208,9 @@ def agreement(reads: list, labels: dict) -> dict:
 
     Each labelled object is compared with the one object the reader finds at its
     position (none, or two there: every attribute disagrees). An image's "objects"
-    agree when the reader finds objects at exactly the labelled positions.
+    agree when the reader finds objects at exactly the labelled positions. A colour
+    or size the labeller marked unreadable is not compared; an unreadable shape is
+    (a reader should say that a blob is no shape: the outline measure can).
 
     Args:
         reads: B lists of objects (dicts with `KEYS`), what a reader saw.
@@ -229,8 +231,11 @@ def agreement(reads: list, labels: dict) -> dict:
         for want in entry["objects"]:
             there = [obj for obj in found if obj["position"] == want["position"]]
             for key in KEYS:
+                if want[key] == UNREADABLE and key != "shape":
+                    continue  # the labeller could not tell: nothing to compare
                 same = len(there) == 1 and there[0][key] == want[key]
-                for group in ("all", want["size"]):
+                groups = ("all", want["size"]) if want["size"] in SIZES else ("all",)
+                for group in groups:
                     right, total = counts[key].get(group, (0, 0))
                     counts[key][group] = (right + same, total + 1)
     counts["objects"] = {"all": (sum(positions), len(positions))}
