@@ -113,3 +113,4 @@ def test_reads_pil_images_and_captions():
     assert right["scene"].all()
     wrong = outline_check(images, ["a large green circle on the left"])
     assert not wrong["shape"].any() and wrong["colour"].all()
+

@@ -35,10 +35,10 @@ from sdscratch.shapes.data import (
 
 UNREADABLE = "unreadable"  # the shape of a blob that fits no shape well
 # A blob whose best IoU is below this fits no shape, by its fitted size. Chosen
-# from Gaussian-blurred renders (benchmarks/outline.py): blurred by σ = 0.5 px at 32
-# pixels, every shape of either size still fits itself at ≥ 0.90; by σ = 1 px, large
-# shapes keep their shape (stars 0.81–0.84, the hardest) while small stars, crosses
-# and diamonds become round blobs that fit some shape at 0.80–0.85.
+# from Gaussian-blurred renders (benchmarks/outline.py): blurred by σ = 0.5 px at
+# 32 pixels, every shape of either size still reads as itself; by σ = 1 px, small
+# stars, crosses and triangles and large stars become blobs that read as no shape,
+# while the other large shapes keep theirs. (The blur also decides at 64 pixels.)
 MIN_IOU = {"small": 0.85, "large": 0.78}
 MIN_AREA = 0.2  # a component smaller than this share of a small circle is a speck
 SPLIT_SIZE = (SIZES["small"] * SIZES["large"]) ** 0.5  # small below, large above
@@ -249,9 +249,15 @@ def _read_blob(colour, a, area, size, min_iou) -> dict:
     fits = fit_shapes(crop, xs, ys, size)
     shape = max(fits, key=lambda name: fits[name][0])
     iou, x, y, radius = fits[shape]
-    size_read = "small" if radius < SPLIT_SIZE else "large"
+    # The size by the blob's extent (every shape's is about 2 radii), which does
+    # not depend on which shape fits best; by the fitted radius if one fits.
+    inside_rows, inside_cols = np.nonzero(a > 0.5)
+    extent = max(np.ptp(inside_rows), np.ptp(inside_cols)) + 1  # pixels
+    size_read = "small" if extent / 2 / size < SPLIT_SIZE else "large"
     if isinstance(min_iou, dict):
         min_iou = min_iou[size_read]
+    if iou >= min_iou:
+        size_read = "small" if radius < SPLIT_SIZE else "large"
     position = min(POSITIONS, key=lambda p: (POSITIONS[p][0] - x) ** 2
                    + (POSITIONS[p][1] - y) ** 2)  # fmt: skip
     return {
