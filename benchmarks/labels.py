@@ -25,6 +25,7 @@ from _machine import machine  # benchmarks/_machine.py, beside this script
 from sdscratch.checkpoint import resolve
 from sdscratch.pipeline import StableDiffusion
 from sdscratch.shapes.evaluate import evaluation_prompts
+from sdscratch.shapes.judge import check
 from sdscratch.shapes.labels import (
     KEYS,
     SETTINGS,
@@ -36,9 +37,11 @@ from sdscratch.shapes.labels import (
     load_labels,
     outline_reader,
     parse_line,
+    prompt_shown,
     save_labels,
     sheet,
 )
+from sdscratch.shapes.outline import outline_check
 
 LABELS = Path(__file__).parent.parent / "tests" / "data" / "labels"
 
@@ -93,6 +96,15 @@ def agree(args):
         images = labelled_images(labels)
         objects = sum(len(entry["objects"]) for entry in labels["images"])
         print(f"\n{path}: {len(images)} images, {objects} labelled objects")
+        shown = torch.tensor([prompt_shown(entry) for entry in labels["images"]])
+        prompts = [entry["prompt"] for entry in labels["images"]]
+        print(f"  the labeller sees the prompt's scene in {int(shown.sum())} images")
+        for name, verdict in (("judge", check), ("outline", outline_check)):
+            says = verdict(images, prompts)["scene"]
+            print(f"  {name} says so of {int(says.sum())}; its verdict agrees with the "
+                  f"labeller's on {int((says == shown).sum())}/{len(shown)}: "
+                  f"{int((says & ~shown).sum())} false yes, "
+                  f"{int((~says & shown).sum())} false no")  # fmt: skip
         for name, reader in (("judge", judge_reader()), ("outline", outline_reader)):
             start = time.perf_counter()
             counts = agreement(reader(images), labels)

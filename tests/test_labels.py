@@ -22,6 +22,7 @@ from sdscratch.shapes.labels import (
     load_labels,
     outline_reader,
     parse_line,
+    prompt_shown,
     rates,
     save_labels,
     sheet,
@@ -157,3 +158,15 @@ def test_what_the_labeller_could_not_read():
     objects = sum(len(entry["objects"]) for entry in labels["images"])
     assert counts["size"]["all"] == (objects - 1, objects - 1)
     assert counts["shape"]["all"] == (objects - 1, objects)
+
+
+def test_prompt_shown():
+    entry = {"prompt": "a small red star above a large blue square", "objects": [
+        {"shape": "star", "colour": "red", "size": "small", "position": "top"},
+        {"shape": "square", "colour": "blue", "size": "large", "position": "bottom"},
+    ]}  # fmt: skip
+    assert prompt_shown(entry)
+    entry["objects"][0]["shape"] = "circle"  # a round blob, for the star
+    assert not prompt_shown(entry)
+    entry["objects"][0]["shape"] = "star"
+    assert not prompt_shown(entry | {"objects": entry["objects"][:1]})

@@ -242,6 +242,19 @@ def agreement(reads: list, labels: dict) -> dict:
     return counts
 
 
+def prompt_shown(entry: dict) -> bool:
+    """Whether the labeller saw what the image's prompt asked: objects at exactly
+    the asked positions, each with the asked shape, colour and size (what
+    `sdscratch.shapes.judge.check` calls "scene")."""
+    from sdscratch.shapes.data import parse_caption
+
+    asked = parse_caption(entry["prompt"])["objects"]
+    seen = {obj["position"]: obj for obj in entry["objects"]}
+    if sorted(seen) != sorted(obj["position"] for obj in asked):
+        return False
+    return all(seen[obj["position"]][key] == obj[key] for obj in asked for key in KEYS)
+
+
 def rates(counts: dict) -> dict:
     """`agreement`'s counts -> {attribute: {group: fraction}}."""
     return {
