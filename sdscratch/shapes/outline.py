@@ -6,9 +6,11 @@ connected components), reads each one's colour (the nearest palette colour), fit
 its centre and radius, and compares its pixels with the ideal outline of every shape
 at that centre and radius, drawn by the renderer itself (`sdscratch.shapes.data`).
 The measure is the soft intersection over union of the object's coverage a and the
-shape's coverage m, Σ min(a, m) / Σ max(a, m). The shape read is the best fitting
+shape's coverage m, Σ min(a, m) / Σ max(a, m), with both coverage ramps steepened
+from one pixel to half a pixel (`outline_iou`). The shape read is the best fitting
 one, and a blob that fits no shape well (best IoU below `MIN_IOU`) reads as
-"unreadable". Position and size follow from the fitted centre and radius.
+"unreadable". Position follows from the fitted centre, size from the fitted radius
+(from the blob's extent if it fits no shape).
 
     read_objects(images)              what is in each image, object by object
     outline_check(images, scenes)     which asked attributes each image shows
@@ -34,11 +36,12 @@ from sdscratch.shapes.data import (
 )
 
 UNREADABLE = "unreadable"  # the shape of a blob that fits no shape well
-# A blob whose best IoU is below this fits no shape, by its fitted size. Chosen
+# A blob whose best IoU is below this fits no shape, by its size (extent). Chosen
 # from Gaussian-blurred renders (benchmarks/outline.py): blurred by σ = 0.5 px at
 # 32 pixels, every shape of either size still reads as itself; by σ = 1 px, small
 # stars, crosses and triangles and large stars become blobs that read as no shape,
-# while the other large shapes keep theirs. (The blur also decides at 64 pixels.)
+# while the other large shapes keep theirs. At 64 pixels the same blur (σ = 2 px)
+# does the same, and small diamonds also read as no shape.
 MIN_IOU = {"small": 0.85, "large": 0.78}
 MIN_AREA = 0.2  # a component smaller than this share of a small circle is a speck
 SPLIT_SIZE = (SIZES["small"] * SIZES["large"]) ** 0.5  # small below, large above
