@@ -113,4 +113,3 @@ def test_reads_pil_images_and_captions():
     assert right["scene"].all()
     wrong = outline_check(images, ["a large green circle on the left"])
     assert not wrong["shape"].any() and wrong["colour"].all()
-
