@@ -7,4 +7,6 @@ package builds on them, and the recipes build on both.
     judge      the attribute classifier that reads generated images, prompt accuracy
     evaluate   prompt accuracy, FID and CLIP score of a text-to-image model
     zero_shot  the tiny CLIP's zero-shot accuracy on Shapes scenes
+    outline    the outline measure: each object's pixels against the ideal outlines
+    labels     hand labels of generated images, and a reader's agreement with them
 """
