@@ -171,6 +171,38 @@ def clip_scores(image_embeds, text_embeds):
     return 100 * (image_embeds * text_embeds).sum(-1).clamp(min=0)
 
 
+def scaled_linear_betas(beta_start, beta_end, num_timesteps):
+    return torch.linspace(beta_start**0.5, beta_end**0.5, num_timesteps) ** 2
+
+
+def predict_x0(x, eps, abar):
+    return (x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)
+
+
+def sigmas(alphas_cumprod):
+    return ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
+
+
+def geglu(layer, x):
+    value, gate = layer.proj(x).chunk(2, dim=-1)
+    return value * F.gelu(gate)
+
+
+def causal_softmax(scores):
+    length = scores.shape[-1]
+    later = torch.ones(length, length, dtype=torch.bool).triu(1)
+    return scores.masked_fill(later, float("-inf")).softmax(dim=-1)
+
+
+def psnr_db(images, reconstructions):
+    mse = ((reconstructions.clamp(-1, 1) - images) ** 2).mean()
+    return 10 * math.log10(4 / mse.item())
+
+
+def downsample_mask(mask, factor):
+    return F.max_pool2d(mask, factor)
+
+
 RIGHT = {
     "add_noise": add_noise, "snr": snr, "diffusion_loss": diffusion_loss,
     "ddpm_step": ddpm_step, "ddim_step": ddim_step, "karras_sigmas": karras_sigmas,
@@ -183,6 +215,9 @@ RIGHT = {
     "split_heads": split_heads, "cross_attention": cross_attention,
     "guided_noise": guided_noise, "rescale_guidance": rescale_guidance,
     "frechet_from_stats": frechet_from_stats, "clip_scores": clip_scores,
+    "scaled_linear_betas": scaled_linear_betas, "predict_x0": predict_x0,
+    "sigmas": sigmas, "geglu": geglu, "causal_softmax": causal_softmax,
+    "psnr_db": psnr_db, "downsample_mask": downsample_mask,
 }  # fmt: skip
 
 # ----------------------------------------------------------------------------------
@@ -262,6 +297,25 @@ WRONG = [
      + cb.trace() - 2 * (matrix_sqrt(ca) @ matrix_sqrt(cb)).trace(), "commute"),
     ("clip_scores", lambda i, t: 100 * F.cosine_similarity(i, t, dim=-1), "clamp"),
     ("clip_scores", lambda i, t: 100 * (i * t).sum(-1).clamp(min=0), "both norms"),
+    ("scaled_linear_betas", lambda b0, b1, n: torch.linspace(b0, b1, n), "linear"),
+    ("scaled_linear_betas", lambda b0, b1, n: torch.linspace(b0**0.5, b1**0.5, n),
+     "square the linspace"),
+    ("predict_x0", lambda x, e, a: x / math.sqrt(a) - math.sqrt(1 - a) * e,
+     "subtract the noise before dividing"),
+    ("predict_x0", lambda x, e, a: (x - (1 - a) * e) / a, "square roots"),
+    ("sigmas", lambda ac: (1 - ac).sqrt(), "lesson 01's σ"),
+    ("sigmas", lambda ac: (1 - ac) / ac, "standard deviation"),
+    ("geglu", lambda layer, x: F.gelu(layer.proj(x).chunk(2, -1)[0])
+     * layer.proj(x).chunk(2, -1)[1], "GELU goes on the gate"),
+    ("causal_softmax", lambda s: s.softmax(-1), "without the mask"),
+    ("causal_softmax", lambda s: s.masked_fill(torch.ones_like(s, dtype=torch.bool)
+     .tril(-1), float("-inf")).softmax(-1), "upper triangle"),
+    ("psnr_db", lambda im, rec: 10 * math.log10(4 / ((rec - im) ** 2).mean().item()),
+     "clamp"),
+    ("psnr_db", lambda im, rec: 10 * math.log10(1 / ((rec.clamp(-1, 1) - im) ** 2)
+     .mean().item()), "range of the pixel values"),
+    ("downsample_mask", lambda m, f: F.avg_pool2d(m, f), "not the mean"),
+    ("downsample_mask", lambda m, f: m[..., ::f, ::f], "every pixel of the block"),
 ]  # fmt: skip
 
 
@@ -341,3 +395,10 @@ def test_yours_or_ours_takes_a_right_answer_and_falls_back_otherwise(name, capsy
     unfinished.__name__ = name
     assert exercises.yours_or_ours(unfinished) is reference
     assert "the cells below use the package's" in capsys.readouterr().out
+
+
+def test_a_number_where_a_0d_tensor_is_expected_is_compared_not_refused(capsys):
+    exercises.check_psnr_db(psnr_db)  # returns a float
+    assert capsys.readouterr().out.startswith("psnr_db: right on all")
+    exercises.check_psnr_db(lambda images, rebuilt: psnr_db(images, rebuilt) + 0.5)
+    assert "off by up to 0.5" in capsys.readouterr().out

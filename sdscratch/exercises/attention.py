@@ -1,5 +1,6 @@
-"""Checks for the multi-head cross-attention exercises: splitting the width into
-heads, and the layer's forward pass from its parts (lesson 06)."""
+"""Checks for the attention exercises beyond the formula: the text encoder's causal
+mask (lesson 05); splitting the width into heads and a cross-attention layer's
+forward pass from its parts (lesson 06)."""
 
 import torch
 import torch.nn.functional as F
@@ -89,3 +90,39 @@ def check_cross_attention(fn) -> None:
         return got, error, want, mistakes
 
     return check("cross_attention", [case(32, 4, 24), case(16, 2, 16)])
+
+
+def reference_causal_softmax(scores):
+    """The solution of the `causal_softmax` exercise, by PyTorch's causal attention
+    (what the package's text encoder calls): with queries = the scores, keys =
+    values = the identity and scale 1, its output is the attention weights."""
+    eye = torch.eye(scores.shape[-1], dtype=scores.dtype).expand_as(scores)
+    return F.scaled_dot_product_attention(scores, eye, eye, is_causal=True, scale=1.0)
+
+
+def check_causal_softmax(fn) -> None:
+    """`fn(scores) -> weights`: the causal attention weights of a text encoder, a
+    softmax over the keys (the last axis) in which token i sees only tokens
+    0 … i (the scores of later tokens set to −∞ first): (…, L, L) -> (…, L, L)."""
+    g = generator(25)
+
+    def case(length):
+        scores = torch.randn(2, 3, length, length, generator=g) * 2  # (B, h, L, L)
+        later = torch.ones(length, length, dtype=torch.bool).triu(1)
+        earlier = torch.ones(length, length, dtype=torch.bool).tril(-1)
+        diagonal = torch.eye(length, dtype=torch.bool)
+        mistakes = {
+            "mask the scores before the softmax, so that each row still sums "
+            "to 1.": scores.softmax(-1).masked_fill(later, 0),
+            "hide the later tokens, the upper triangle (torch.triu(…, 1)): token "
+            "i sees 0 … i.": scores.masked_fill(earlier, float("-inf")).softmax(-1),
+            "each token sees itself too: mask only j > i.":
+                scores.masked_fill(later | diagonal, float("-inf")).softmax(-1)
+                .nan_to_num(),
+            "without the mask every token sees the whole prompt; in a causal "
+            "encoder token i sees only tokens 0 … i.": scores.softmax(-1),
+        }  # fmt: skip
+        got, error = call(fn, scores.clone())
+        return got, error, reference_causal_softmax(scores), mistakes
+
+    return check("causal_softmax", [case(6), case(9)])

@@ -1,11 +1,12 @@
-"""Checks for the evaluation exercises: the Fréchet distance of two Gaussians and
-the CLIP score of embedding pairs (lesson 11)."""
+"""Checks for the measuring exercises: an autoencoder's PSNR (lesson 08), the
+Fréchet distance of two Gaussians and the CLIP score of embedding pairs (11)."""
 
 import torch
 import torch.nn.functional as F
 
 from sdscratch.exercises.compare import call, check, generator
 from sdscratch.metrics import _sqrt_psd, clip_scores, frechet_distance_from_stats
+from sdscratch.vae import psnr
 
 
 def _gaussian(g, d):
@@ -70,3 +71,28 @@ def check_clip_scores(fn) -> None:
         return got, error, clip_scores(images, texts), mistakes
 
     return check("clip_scores", [case(), case()], atol=1e-4)
+
+
+def check_psnr_db(fn) -> None:
+    """`fn(images, reconstructions) -> db`: the peak signal-to-noise ratio in dB
+    of images in [-1, 1] over the whole batch, 10 · log10(range² / MSE) with the
+    range 2, reconstructions clamped to [-1, 1] first (as they are shown)."""
+    g = generator(24)
+
+    def case(noise):
+        images = torch.rand(4, 3, 8, 8, generator=g) * 2 - 1
+        reconstructions = images + noise * torch.randn(4, 3, 8, 8, generator=g)
+        mse = (reconstructions.clamp(-1, 1) - images).pow(2).mean()
+        raw = (reconstructions - images).pow(2).mean()
+        mistakes = {
+            "the peak is the range of the pixel values, 2 for [-1, 1]: "
+            "10 · log10(4 / MSE).": 10 * torch.log10(1 / mse),
+            "clamp the reconstructions to [-1, 1] first, as they are shown.":
+                10 * torch.log10(4 / raw),
+            "20 · log10 goes with the RMS error: 20 · log10(2 / √MSE), which is "
+            "10 · log10(4 / MSE).": 20 * torch.log10(2 / mse),
+        }  # fmt: skip
+        got, error = call(fn, images, reconstructions.clone())
+        return got, error, torch.tensor(psnr(images, reconstructions)), mistakes
+
+    return check("psnr_db", [case(0.05), case(0.3)], atol=1e-3)
