@@ -479,7 +479,7 @@ def classifier_free_guidance(
 
 
 def rescale_guidance(guided, eps_text, guidance_rescale):
-    """Guidance rescale (Lin et al. 2023, §3.4, eq. 15-16; diffusers'
+    """Guidance rescale (Lin et al. 2023, §3.4; diffusers'
     `rescale_noise_cfg`): a large w inflates the guided prediction's standard
     deviation, and the images overexpose; scale each sample's ε̃ back to the
     standard deviation of ε(x, c), and blend by φ.

@@ -140,8 +140,8 @@ def diffusion_loss(unet, x0, schedule, generator=None, context=None, snr_gamma=N
 def min_snr_weight(snr: torch.Tensor, gamma: float) -> torch.Tensor:
     """Min-SNR-γ loss weights for ε-prediction (Hang et al. 2023).
 
-    min(SNR_t, γ) / SNR_t: 1 for the noisy timesteps (SNR ≤ γ), γ / SNR_t below
-    for the nearly clean ones, whose easy targets would otherwise dominate.
+    min(SNR_t, γ) / SNR_t: 1 for the noisy timesteps (SNR_t ≤ γ), γ / SNR_t for
+    the nearly clean ones, whose easy targets would otherwise dominate.
 
     Args:
         snr: (B,) the signal-to-noise ratio ᾱ_t / (1 - ᾱ_t) of each sample's t.

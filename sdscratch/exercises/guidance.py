@@ -53,7 +53,7 @@ def check_guided_noise(fn) -> None:
 
 def check_rescale_guidance(fn) -> None:
     """`fn(guided, eps_text, guidance_rescale) -> eps`: guidance rescale (Lin et
-    al. 2023, eq. 15-16): ε̃ rescaled to the standard deviation of ε(x, c), per
+    al. 2023, §3.4): ε̃ rescaled to the standard deviation of ε(x, c), per
     sample over (C, H, W), then blended, φ · rescaled + (1 - φ) · ε̃."""
     g = generator(18)
 
