@@ -46,9 +46,9 @@ class Attention(nn.Module):
     def forward(self, x, context=None):
         """x (B, N, dim), context (B, L, context_dim) or None -> (B, N, dim)."""
         context = x if context is None else context
-        q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)
-        k = rearrange(self.to_k(context), "b l (h d) -> b h l d", h=self.heads)
-        v = rearrange(self.to_v(context), "b l (h d) -> b h l d", h=self.heads)
+        q = split_heads(self.to_q(x), self.heads)  # (B, h, N, d)
+        k = split_heads(self.to_k(context), self.heads)  # (B, h, L, d)
+        v = split_heads(self.to_v(context), self.heads)
         if self.recorder is None:
             out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, d)
         else:
@@ -56,6 +56,11 @@ class Attention(nn.Module):
             self.recorder.append(probs.detach())
             out = probs @ v  # (B, h, N, d)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, N, h·d) -> (B, h, N, d): head i takes channels i·d … (i+1)·d - 1."""
+    return rearrange(x, "b n (h d) -> b h n d", h=heads)
 
 
 def attention_probs(q, k) -> torch.Tensor:

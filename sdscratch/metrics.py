@@ -52,12 +52,24 @@ def frechet_distance(feats_a, feats_b) -> float:
         raise ValueError("FID needs at least two images in each set.")
     mu_a, mu_b = a.mean(0), b.mean(0)  # (D,)
     cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)  # (D, D)
+    return frechet_distance_from_stats(mu_a, cov_a, mu_b, cov_b).item()
+
+
+def frechet_distance_from_stats(mu_a, cov_a, mu_b, cov_b) -> torch.Tensor:
+    """d² between N(mu_a, cov_a) and N(mu_b, cov_b), as `frechet_distance` says.
+
+    Args:
+        mu_a, mu_b: (D,) means.
+        cov_a, cov_b: (D, D) covariances (symmetric, positive semi-definite).
+    Returns:
+        A 0-d tensor.
+    """
     root_a = _sqrt_psd(cov_a)
     middle = root_a @ cov_b @ root_a
     eigenvalues = torch.linalg.eigvalsh((middle + middle.T) / 2)
     trace_root = eigenvalues.clamp(min=0).sqrt().sum()
     distance = (mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace()
-    return (distance - 2 * trace_root).item()
+    return distance - 2 * trace_root
 
 
 def _sqrt_psd(matrix: torch.Tensor) -> torch.Tensor:
@@ -101,6 +113,19 @@ def clip_score(images, texts, clip=None, batch_size=500) -> float:
         if batch.shape[-2:] != (size, size):
             batch = F.interpolate(batch, size=(size, size), mode="area")
         ids = clip.tokenizer(list(texts[i : i + batch_size])).to(device)
-        cos = (clip.image_encoder(batch) * clip.text_encoder.embed(ids)).sum(-1)  # (b,)
-        scores.append(100 * cos.clamp(min=0))
+        embeds = clip.image_encoder(batch), clip.text_encoder.embed(ids)  # (b, E) each
+        scores.append(clip_scores(*embeds))
     return torch.cat(scores).mean().item()
+
+
+def clip_scores(image_embeds, text_embeds) -> torch.Tensor:
+    """100 · max(cos(image i, text i), 0) for every pair (Hessel et al. 2021,
+    eq. 1, with torchmetrics' w = 100).
+
+    Args:
+        image_embeds, text_embeds: (B, E) embeddings, of any length.
+    Returns:
+        (B,) scores in [0, 100].
+    """
+    cos = F.cosine_similarity(image_embeds, text_embeds, dim=-1)  # (B,)
+    return 100 * cos.clamp(min=0)

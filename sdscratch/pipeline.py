@@ -441,7 +441,9 @@ class StableDiffusion:
 # Classifier-free guidance
 
 
-def classifier_free_guidance(unet, context, uncond_context, guidance_scale):
+def classifier_free_guidance(
+    unet, context, uncond_context, guidance_scale, guidance_rescale=0.0
+):
     """The noise prediction with classifier-free guidance, as `eps_fn(x_t, t)`.
 
     Ho & Salimans 2022, eq. 6: ε̃ = ε(x, ∅) + w (ε(x, c) - ε(x, ∅)), with w the
@@ -454,6 +456,7 @@ def classifier_free_guidance(unet, context, uncond_context, guidance_scale):
         context, uncond_context: (B, L, D) the prompts' and the negative (or empty)
             prompts' hidden states.
         guidance_scale: w, 0 or more.
+        guidance_rescale: φ of `rescale_guidance` (0: plain guidance).
     Returns:
         `eps_fn(x_t, t) -> ε̃` for `sample`, x_t (B, C, H, W).
     """
@@ -467,6 +470,29 @@ def classifier_free_guidance(unet, context, uncond_context, guidance_scale):
         contexts = torch.cat([uncond_context, context])  # (2B, L, D)
         both = unet(torch.cat([x, x]), torch.cat([t, t]), contexts)
         eps_uncond, eps_text = both.chunk(2)
-        return eps_uncond + w * (eps_text - eps_uncond)
+        guided = eps_uncond + w * (eps_text - eps_uncond)
+        if guidance_rescale:
+            return rescale_guidance(guided, eps_text, guidance_rescale)
+        return guided
 
     return eps_fn
+
+
+def rescale_guidance(guided, eps_text, guidance_rescale):
+    """Guidance rescale (Lin et al. 2023, §3.4; diffusers'
+    `rescale_noise_cfg`): a large w inflates the guided prediction's standard
+    deviation, and the images overexpose; scale each sample's ε̃ back to the
+    standard deviation of ε(x, c), and blend by φ.
+
+    ε̃' = φ · ε̃ σ(ε_c) / σ(ε̃) + (1 - φ) · ε̃, σ over each sample's (C, H, W).
+
+    Args:
+        guided: (B, C, H, W) the guided prediction ε̃.
+        eps_text: (B, C, H, W) the conditional prediction ε(x, c).
+        guidance_rescale: φ in [0, 1]; diffusers suggests 0.7.
+    """
+    dims = list(range(1, guided.ndim))
+    std_text = eps_text.std(dim=dims, keepdim=True)  # (B, 1, 1, 1)
+    std_guided = guided.std(dim=dims, keepdim=True)
+    rescaled = guided * (std_text / std_guided)
+    return guidance_rescale * rescaled + (1 - guidance_rescale) * guided

@@ -134,5 +134,19 @@ def diffusion_loss(unet, x0, schedule, generator=None, context=None, snr_gamma=N
     if snr_gamma is None:
         return F.mse_loss(unet(x_t, t, context), noise)
     errors = (unet(x_t, t, context) - noise).pow(2).mean(dim=(1, 2, 3))  # (B,)
-    snr = schedule.snr(t).to(errors)
-    return (errors * snr.clamp(max=snr_gamma) / snr).mean()
+    return (errors * min_snr_weight(schedule.snr(t).to(errors), snr_gamma)).mean()
+
+
+def min_snr_weight(snr: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-γ loss weights for ε-prediction (Hang et al. 2023).
+
+    min(SNR_t, γ) / SNR_t: 1 for the noisy timesteps (SNR_t ≤ γ), γ / SNR_t for
+    the nearly clean ones, whose easy targets would otherwise dominate.
+
+    Args:
+        snr: (B,) the signal-to-noise ratio ᾱ_t / (1 - ᾱ_t) of each sample's t.
+        gamma: γ, e.g. 5.
+    Returns:
+        (B,) weights in (0, 1].
+    """
+    return snr.clamp(max=gamma) / snr

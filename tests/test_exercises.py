@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 from sdscratch import exercises
 
@@ -117,6 +118,91 @@ def matrix_sqrt(matrix):
     return vectors @ torch.diag(values.clamp(min=0).sqrt()) @ vectors.T
 
 
+def encode_latents(vae, images, generator):
+    return vae.encode(images).sample(generator) * vae.config.scaling_factor
+
+
+def min_snr_weight(snr, gamma):
+    return torch.minimum(snr, torch.full_like(snr, gamma)) / snr
+
+
+def ema_update(average, weight, decay):
+    return decay * average + (1 - decay) * weight
+
+
+def split_heads(x, heads):
+    return rearrange(x, "b n (h d) -> b h n d", h=heads)
+
+
+def merged_heads(layer, x, context):
+    q = split_heads(layer.to_q(x), layer.heads)
+    k = split_heads(layer.to_k(context), layer.heads)
+    v = split_heads(layer.to_v(context), layer.heads)
+    return rearrange(attention(q, k, v), "b h n d -> b n (h d)")
+
+
+def cross_attention(layer, x, context):
+    return layer.to_out(merged_heads(layer, x, context))
+
+
+def guided_noise(unet, x, t, context, uncond_context, w):
+    both = unet(torch.cat([x, x]), torch.cat([t, t]),
+                torch.cat([uncond_context, context]))  # fmt: skip
+    eps_uncond, eps_text = both.chunk(2)
+    return guidance(eps_uncond, eps_text, w)
+
+
+def rescale_guidance(guided, eps_text, phi):
+    dims = (1, 2, 3)
+    ratio = eps_text.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True)
+    return phi * guided * ratio + (1 - phi) * guided
+
+
+def frechet_from_stats(mu_a, cov_a, mu_b, cov_b):
+    root_a = matrix_sqrt(cov_a)
+    values = torch.linalg.eigvalsh(root_a @ cov_b @ root_a)
+    means = ((mu_a - mu_b) ** 2).sum()
+    return means + cov_a.trace() + cov_b.trace() - 2 * values.clamp(min=0).sqrt().sum()
+
+
+def clip_scores(image_embeds, text_embeds):
+    image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
+    text_embeds = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
+    return 100 * (image_embeds * text_embeds).sum(-1).clamp(min=0)
+
+
+def scaled_linear_betas(beta_start, beta_end, num_timesteps):
+    return torch.linspace(beta_start**0.5, beta_end**0.5, num_timesteps) ** 2
+
+
+def predict_x0(x, eps, abar):
+    return (x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)
+
+
+def sigmas(alphas_cumprod):
+    return ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
+
+
+def geglu(layer, x):
+    value, gate = layer.proj(x).chunk(2, dim=-1)
+    return value * F.gelu(gate)
+
+
+def causal_softmax(scores):
+    length = scores.shape[-1]
+    later = torch.ones(length, length, dtype=torch.bool).triu(1)
+    return scores.masked_fill(later, float("-inf")).softmax(dim=-1)
+
+
+def psnr_db(images, reconstructions):
+    mse = ((reconstructions.clamp(-1, 1) - images) ** 2).mean()
+    return 10 * math.log10(4 / mse.item())
+
+
+def downsample_mask(mask, factor):
+    return F.max_pool2d(mask, factor)
+
+
 RIGHT = {
     "add_noise": add_noise, "snr": snr, "diffusion_loss": diffusion_loss,
     "ddpm_step": ddpm_step, "ddim_step": ddim_step, "karras_sigmas": karras_sigmas,
@@ -124,7 +210,14 @@ RIGHT = {
     "merge_pair": merge_pair, "contrastive_loss": contrastive_loss,
     "attention": attention, "guidance": guidance, "reparameterize": reparameterize,
     "kl": kl, "img2img_start": img2img_start, "inpaint_blend": inpaint_blend,
-    "matrix_sqrt": matrix_sqrt,
+    "matrix_sqrt": matrix_sqrt, "encode_latents": encode_latents,
+    "min_snr_weight": min_snr_weight, "ema_update": ema_update,
+    "split_heads": split_heads, "cross_attention": cross_attention,
+    "guided_noise": guided_noise, "rescale_guidance": rescale_guidance,
+    "frechet_from_stats": frechet_from_stats, "clip_scores": clip_scores,
+    "scaled_linear_betas": scaled_linear_betas, "predict_x0": predict_x0,
+    "sigmas": sigmas, "geglu": geglu, "causal_softmax": causal_softmax,
+    "psnr_db": psnr_db, "downsample_mask": downsample_mask,
 }  # fmt: skip
 
 # ----------------------------------------------------------------------------------
@@ -171,6 +264,58 @@ WRONG = [
     ("inpaint_blend", lambda lat, known, m: m * known + (1 - m) * lat, "repaint"),
     ("matrix_sqrt", lambda a: a.abs().sqrt() * a.sign(), "each entry"),
     ("matrix_sqrt", lambda a: torch.linalg.cholesky(a), "Cholesky"),
+    ("encode_latents", lambda vae, im, g: vae.encode(im).sample(g), "scaling_factor"),
+    ("encode_latents", lambda vae, im, g: vae.encode(im).mean
+     * vae.config.scaling_factor, "not its mean"),
+    ("encode_latents", lambda vae, im, g: vae.encode(im).sample(g)
+     / vae.config.scaling_factor, "decoder's side"),
+    ("min_snr_weight", lambda snr, gamma: snr.clamp(max=gamma), "divide by SNR_t"),
+    ("min_snr_weight", lambda snr, gamma: snr.clamp(max=gamma) / (snr + 1),
+     "v-prediction"),
+    ("min_snr_weight", lambda snr, gamma: snr / snr.clamp(max=gamma), "on top"),
+    ("ema_update", lambda avg, w, decay: decay * w + (1 - decay) * avg,
+     "keeps `decay` of itself"),
+    ("ema_update", lambda avg, w, decay: decay * avg + w, "add up to 1"),
+    ("split_heads", lambda x, h: rearrange(x, "b n (d h) -> b h n d", h=h),
+     "(h d), not (d h)"),
+    ("split_heads", lambda x, h: x.reshape(len(x), h, x.shape[1], -1),
+     "plain reshape"),
+    ("cross_attention", lambda layer, x, c: merged_heads(layer, x, c), "to_out"),
+    ("cross_attention", lambda layer, x, c: layer.to_out(attention(
+        layer.to_q(x), layer.to_k(c), layer.to_v(c))), "layer.heads heads"),
+    ("guided_noise", lambda unet, x, t, c, u, w: guided_noise(unet, x, t, u, c, w),
+     "order they were stacked"),
+    ("guided_noise", lambda unet, x, t, c, u, w: guidance(
+        unet(x, t, u), unet(x, t, c), w), "call the UNet once"),
+    ("rescale_guidance", lambda g, e, phi: phi * g * e.std() / g.std()
+     + (1 - phi) * g, "per sample"),
+    ("rescale_guidance", lambda g, e, phi: rescale_guidance(g, e, 1.0),
+     "blend the two"),
+    ("frechet_from_stats", lambda ma, ca, mb, cb: ((ma - mb) ** 2).sum() + ca.trace()
+     + cb.trace() - 2 * (ca @ cb).trace(), "not of the product"),
+    ("frechet_from_stats", lambda ma, ca, mb, cb: ((ma - mb) ** 2).sum() + ca.trace()
+     + cb.trace() - 2 * (matrix_sqrt(ca) @ matrix_sqrt(cb)).trace(), "commute"),
+    ("clip_scores", lambda i, t: 100 * F.cosine_similarity(i, t, dim=-1), "clamp"),
+    ("clip_scores", lambda i, t: 100 * (i * t).sum(-1).clamp(min=0), "both norms"),
+    ("scaled_linear_betas", lambda b0, b1, n: torch.linspace(b0, b1, n), "linear"),
+    ("scaled_linear_betas", lambda b0, b1, n: torch.linspace(b0**0.5, b1**0.5, n),
+     "square the linspace"),
+    ("predict_x0", lambda x, e, a: x / math.sqrt(a) - math.sqrt(1 - a) * e,
+     "subtract the noise before dividing"),
+    ("predict_x0", lambda x, e, a: (x - (1 - a) * e) / a, "square roots"),
+    ("sigmas", lambda ac: (1 - ac).sqrt(), "lesson 01's σ"),
+    ("sigmas", lambda ac: (1 - ac) / ac, "standard deviation"),
+    ("geglu", lambda layer, x: F.gelu(layer.proj(x).chunk(2, -1)[0])
+     * layer.proj(x).chunk(2, -1)[1], "GELU goes on the gate"),
+    ("causal_softmax", lambda s: s.softmax(-1), "without the mask"),
+    ("causal_softmax", lambda s: s.masked_fill(torch.ones_like(s, dtype=torch.bool)
+     .tril(-1), float("-inf")).softmax(-1), "upper triangle"),
+    ("psnr_db", lambda im, rec: 10 * math.log10(4 / ((rec - im) ** 2).mean().item()),
+     "clamp"),
+    ("psnr_db", lambda im, rec: 10 * math.log10(1 / ((rec.clamp(-1, 1) - im) ** 2)
+     .mean().item()), "range of the pixel values"),
+    ("downsample_mask", lambda m, f: F.avg_pool2d(m, f), "not the mean"),
+    ("downsample_mask", lambda m, f: m[..., ::f, ::f], "every pixel of the block"),
 ]  # fmt: skip
 
 
@@ -250,3 +395,10 @@ def test_yours_or_ours_takes_a_right_answer_and_falls_back_otherwise(name, capsy
     unfinished.__name__ = name
     assert exercises.yours_or_ours(unfinished) is reference
     assert "the cells below use the package's" in capsys.readouterr().out
+
+
+def test_a_number_where_a_0d_tensor_is_expected_is_compared_not_refused(capsys):
+    exercises.check_psnr_db(psnr_db)  # returns a float
+    assert capsys.readouterr().out.startswith("psnr_db: right on all")
+    exercises.check_psnr_db(lambda images, rebuilt: psnr_db(images, rebuilt) + 0.5)
+    assert "off by up to 0.5" in capsys.readouterr().out

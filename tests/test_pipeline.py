@@ -21,7 +21,11 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from conftest import randomise
 from sdscratch.checkpoint import CheckpointError, write_manifest
-from sdscratch.pipeline import StableDiffusion
+from sdscratch.pipeline import (
+    StableDiffusion,
+    classifier_free_guidance,
+    rescale_guidance,
+)
 from sdscratch.port import (
     text_encoder_from_transformers,
     unet_from_diffusers,
@@ -261,6 +265,23 @@ def test_guidance_is_the_cfg_formula(pipe):
             expected = eps_uncond + w * (eps_text - eps_uncond)
             assert torch.allclose(guided, expected, atol=TOLERANCE)  # batch of 2B
     assert (eps_text - eps_uncond).abs().max() > 1e-3  # the prompt matters
+
+
+def test_guidance_rescale_equals_diffusers_rescale_noise_cfg(pipe):
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
+        rescale_noise_cfg,
+    )
+
+    context, uncond = pipe.encode_prompt(PROMPTS, ["", ""])
+    x, t = torch.randn(2, 4, 4, 4), torch.tensor([500, 500])
+    with torch.no_grad():
+        eps_text = pipe.unet(x, t, context)
+        guided = classifier_free_guidance(pipe.unet, context, uncond, 7.5)(x, t)
+        for phi in (0.0, 0.7, 1.0):
+            ours = classifier_free_guidance(pipe.unet, context, uncond, 7.5, phi)(x, t)
+            theirs = rescale_noise_cfg(guided, eps_text, guidance_rescale=phi)
+            assert torch.allclose(ours, theirs, atol=TOLERANCE)
+    assert (rescale_guidance(guided, eps_text, 0.7) - guided).abs().max() > 1e-3
 
 
 def test_same_seed_gives_bit_identical_images_and_another_seed_does_not(pipe):

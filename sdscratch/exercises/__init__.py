@@ -14,12 +14,20 @@ as arguments and may use `math`, `torch`, `torch.nn.functional as F` and einops'
 import contextlib
 import io
 
+from sdscratch.exercises.attention import (
+    check_causal_softmax,
+    check_cross_attention,
+    check_split_heads,
+    reference_causal_softmax,
+    reference_cross_attention,
+)
 from sdscratch.exercises.compare import NOT_DONE
 from sdscratch.exercises.diffusion import (
     check_add_noise,
     check_ddim_step,
     check_ddpm_step,
     check_diffusion_loss,
+    check_downsample_mask,
     check_guidance,
     check_img2img_start,
     check_inpaint_blend,
@@ -28,10 +36,24 @@ from sdscratch.exercises.diffusion import (
     reference_ddim_step,
     reference_ddpm_step,
     reference_diffusion_loss,
+    reference_downsample_mask,
+)
+from sdscratch.exercises.evaluation import (
+    check_clip_scores,
+    check_frechet_from_stats,
+    check_psnr_db,
+)
+from sdscratch.exercises.guidance import check_guided_noise, check_rescale_guidance
+from sdscratch.exercises.levels import (
+    check_predict_x0,
+    check_scaled_linear_betas,
+    check_sigmas,
+    reference_scaled_linear_betas,
 )
 from sdscratch.exercises.networks import (
     check_attention,
     check_contrastive_loss,
+    check_geglu,
     check_kl,
     check_matrix_sqrt,
     check_merge_pair,
@@ -46,6 +68,12 @@ from sdscratch.exercises.networks import (
     reference_resblock,
     reference_timestep_embedding,
 )
+from sdscratch.exercises.training import (
+    check_ema_update,
+    check_encode_latents,
+    check_min_snr_weight,
+)
+from sdscratch.metrics import frechet_distance_from_stats
 from sdscratch.samplers import img2img_start
 
 __all__ = [
@@ -53,20 +81,36 @@ __all__ = [
     "yours_or_ours",
     "check_add_noise",
     "check_attention",
+    "check_causal_softmax",
+    "check_clip_scores",
     "check_contrastive_loss",
+    "check_cross_attention",
     "check_ddim_step",
     "check_ddpm_step",
     "check_diffusion_loss",
+    "check_downsample_mask",
+    "check_ema_update",
+    "check_encode_latents",
+    "check_frechet_from_stats",
+    "check_geglu",
     "check_guidance",
+    "check_guided_noise",
     "check_img2img_start",
     "check_inpaint_blend",
     "check_karras_sigmas",
     "check_kl",
     "check_matrix_sqrt",
     "check_merge_pair",
+    "check_min_snr_weight",
+    "check_predict_x0",
+    "check_psnr_db",
     "check_reparameterize",
     "check_resblock",
+    "check_rescale_guidance",
+    "check_scaled_linear_betas",
+    "check_sigmas",
     "check_snr",
+    "check_split_heads",
     "check_timestep_embedding",
 ]
 
@@ -77,13 +121,18 @@ REFERENCES = {
     "ddpm_step": (reference_ddpm_step, check_ddpm_step),
     "ddim_step": (reference_ddim_step, check_ddim_step),
     "matrix_sqrt": (reference_matrix_sqrt, check_matrix_sqrt),
+    "frechet_from_stats": (frechet_distance_from_stats, check_frechet_from_stats),
     "timestep_embedding": (reference_timestep_embedding, check_timestep_embedding),
     "resblock": (reference_resblock, check_resblock),
+    "cross_attention": (reference_cross_attention, check_cross_attention),
     "merge_pair": (reference_merge_pair, check_merge_pair),
     "contrastive_loss": (reference_contrastive_loss, check_contrastive_loss),
     "reparameterize": (reference_reparameterize, check_reparameterize),
     "kl": (reference_kl, check_kl),
     "img2img_start": (img2img_start, check_img2img_start),
+    "downsample_mask": (reference_downsample_mask, check_downsample_mask),
+    "causal_softmax": (reference_causal_softmax, check_causal_softmax),
+    "scaled_linear_betas": (reference_scaled_linear_betas, check_scaled_linear_betas),
 }
 
 

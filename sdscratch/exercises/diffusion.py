@@ -1,10 +1,11 @@
 """Checks for the diffusion exercises: noising, the loss, sampler steps, guidance,
-img2img and inpainting (lessons 01, 02, 04, 07, 10)."""
+img2img and inpainting with its latent mask (lessons 01, 02, 04, 07, 10)."""
 
 import torch
 import torch.nn.functional as F
 
 from sdscratch.exercises.compare import call, check, generator, levels, sd_schedule
+from sdscratch.pipeline_inputs import latent_mask
 from sdscratch.samplers import ddim_step, ddpm_step, img2img_start, karras_sigmas
 
 
@@ -255,3 +256,29 @@ def check_inpaint_blend(fn) -> None:
         return got, error, (1 - mask) * known + mask * latents, mistakes
 
     return check("inpaint_blend", (case() for _ in range(3)))
+
+
+def reference_downsample_mask(mask, factor):
+    """The solution of the `downsample_mask` exercise: the pipeline's latent mask."""
+    return latent_mask(mask, 1, len(mask), factor, mask)
+
+
+def check_downsample_mask(fn) -> None:
+    """`fn(mask, factor) -> mask`: an inpainting mask (B, 1, H, W), 1 = repaint, at
+    the latents' resolution (B, 1, H/f, W/f): a latent cell is repainted as much
+    as the most repainted pixel it covers (a max over each f×f block)."""
+    g = generator(22)
+
+    def case(factor):
+        mask = (torch.rand(2, 1, 32, 32, generator=g) > 0.97).float()  # a few dots
+        want = reference_downsample_mask(mask, factor)
+        mistakes = {
+            "take the largest value of each block, not the mean: a cell that "
+            "covers any repainted pixel is repainted.": F.avg_pool2d(mask, factor),
+            "every pixel of the block counts, not one of them: take the block's "
+            "maximum.": mask[..., ::factor, ::factor],
+        }  # fmt: skip
+        got, error = call(fn, mask.clone(), factor)
+        return got, error, want, mistakes
+
+    return check("downsample_mask", [case(4), case(8)])

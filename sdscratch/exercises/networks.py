@@ -1,6 +1,6 @@
-"""Checks for the network exercises: the UNet's parts, BPE, CLIP's loss, attention,
-the autoencoder's posterior and FID's matrix square root (lessons 03, 05, 06, 08,
-11)."""
+"""Checks for the network exercises: the UNet's parts (its ResBlock, GEGLU), BPE,
+CLIP's loss, attention, the autoencoder's posterior and FID's matrix square root
+(lessons 03, 05, 06, 08, 11)."""
 
 import math
 
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from sdscratch.attention import attention_probs
 from sdscratch.clip import contrastive_loss
 from sdscratch.exercises.compare import call, check, generator
-from sdscratch.layers import ResBlock, timestep_embedding
+from sdscratch.layers import GEGLU, ResBlock, timestep_embedding
 from sdscratch.metrics import _sqrt_psd
 from sdscratch.tokenizer import merge_pair
 from sdscratch.vae import DiagonalGaussian
@@ -256,3 +256,30 @@ def check_matrix_sqrt(fn) -> None:
         return got, error, _sqrt_psd(matrix), mistakes
 
     return check("matrix_sqrt", [case(3), case(8)])
+
+
+def check_geglu(fn) -> None:
+    """`fn(layer, x) -> h`: the forward pass of the package's `GEGLU` `layer` from
+    its projection `layer.proj` (dim -> 2·hidden): split the projection into a
+    value and a gate (in that order, on the last axis), value · GELU(gate)."""
+    g = generator(23)
+
+    def case(dim, hidden):
+        with torch.random.fork_rng():  # the default init leaves the global RNG as is
+            layer = GEGLU(dim, hidden)
+        with torch.no_grad():
+            for parameter in layer.parameters():  # seeded, not the global RNG
+                parameter.copy_(torch.randn(parameter.shape, generator=g))
+            x = torch.randn(2, 5, dim, generator=g)
+            value, gate = layer.proj(x).chunk(2, dim=-1)
+            mistakes = {
+                "the GELU goes on the gate, the second half: value · GELU(gate).":
+                    F.gelu(value) * gate,
+                "gate the value: multiply it by GELU(gate), do not add.":
+                    value + F.gelu(gate),
+            }  # fmt: skip
+            got, error = call(fn, layer, x)
+            want = layer(x)
+        return got, error, want, mistakes
+
+    return check("geglu", [case(8, 16), case(6, 4)])

@@ -1,0 +1,98 @@
+"""Checks for the measuring exercises: an autoencoder's PSNR (lesson 08), the
+Fréchet distance of two Gaussians and the CLIP score of embedding pairs (11)."""
+
+import torch
+import torch.nn.functional as F
+
+from sdscratch.exercises.compare import call, check, generator
+from sdscratch.metrics import _sqrt_psd, clip_scores, frechet_distance_from_stats
+from sdscratch.vae import psnr
+
+
+def _gaussian(g, d):
+    """A random mean (D,) and covariance (D, D), in float64."""
+    a = torch.randn(d, 2 * d, generator=g, dtype=torch.float64)
+    return torch.randn(d, generator=g, dtype=torch.float64), a @ a.T / (2 * d)
+
+
+def check_frechet_from_stats(fn) -> None:
+    """`fn(mu_a, cov_a, mu_b, cov_b) -> d2`: the Fréchet distance between
+    N(mu_a, cov_a) and N(mu_b, cov_b), FID's formula: ‖μ_a − μ_b‖² + tr Σ_a +
+    tr Σ_b − 2 tr((Σ_a Σ_b)^½). mu (D,), cov (D, D); a number or a 0-d tensor."""
+    g = generator(19)
+
+    def case(d):
+        (mu_a, cov_a), (mu_b, cov_b) = _gaussian(g, d), _gaussian(g, d)
+        want = frechet_distance_from_stats(mu_a, cov_a, mu_b, cov_b)
+        traces = cov_a.trace() + cov_b.trace()
+        product = torch.linalg.eigvals(cov_a @ cov_b).real  # the eigenvalues of Σ_a Σ_b
+        cross = product.clamp(min=0).sqrt().sum()  # tr((Σ_a Σ_b)^½)
+        squared = (mu_a - mu_b).square().sum()
+        roots = (_sqrt_psd(cov_a) @ _sqrt_psd(cov_b)).trace()
+        mistakes = {
+            "the last term is −2 tr((Σ_a Σ_b)^½): the trace of the square root "
+            "of the product, not of the product.":
+                squared + traces - 2 * (cov_a @ cov_b).trace(),
+            "the mean term is the squared distance ‖μ_a − μ_b‖².":
+                squared.sqrt() + traces - 2 * cross,
+            "the cross term has a factor 2: − 2 tr((Σ_a Σ_b)^½).":
+                squared + traces - cross,
+            "tr((Σ_a Σ_b)^½) is not tr(Σ_a^½ Σ_b^½) unless the covariances "
+            "commute: take the eigenvalues of Σ_a^½ Σ_b Σ_a^½.":
+                squared + traces - 2 * roots,
+        }  # fmt: skip
+        got, error = call(fn, mu_a, cov_a.clone(), mu_b, cov_b.clone())
+        return got, error, want, mistakes
+
+    return check("frechet_from_stats", [case(3), case(8)], atol=1e-8)
+
+
+def check_clip_scores(fn) -> None:
+    """`fn(image_embeds, text_embeds) -> scores`: the CLIP score of every pair
+    (image i, text i), 100 · max(cos, 0) (Hessel et al. 2021, torchmetrics'
+    scale); embeddings (B, E) of any length -> (B,)."""
+    g = generator(20)
+
+    def case():
+        images = torch.randn(8, 16, generator=g) * 3
+        sign = torch.tensor([1.0, -1.0]).repeat(4)[:, None]  # some pairs disagree
+        texts = sign * images + torch.randn(8, 16, generator=g) * 2
+        cos = F.cosine_similarity(images, texts, dim=-1)  # (B,)
+        mistakes = {
+            "the cosine divides the dot product by both norms (or normalise "
+            "both embeddings first).":
+                100 * (images * texts).sum(-1).clamp(min=0),
+            "a negative cosine counts as 0: clamp each pair's cosine at 0.":
+                100 * cos,
+            "the score here is 100 · max(cos, 0), torchmetrics' scale.":
+                cos.clamp(min=0),
+        }  # fmt: skip
+        got, error = call(fn, images.clone(), texts.clone())
+        return got, error, clip_scores(images, texts), mistakes
+
+    return check("clip_scores", [case(), case()], atol=1e-4)
+
+
+def check_psnr_db(fn) -> None:
+    """`fn(images, reconstructions) -> db`: the peak signal-to-noise ratio in dB
+    of images in [-1, 1] over the whole batch, 10 · log10(range² / MSE) with the
+    range 2, reconstructions clamped to [-1, 1] first (as they are shown)."""
+    g = generator(24)
+
+    def case(noise):
+        images = torch.rand(4, 3, 8, 8, generator=g) * 2 - 1
+        reconstructions = images + noise * torch.randn(4, 3, 8, 8, generator=g)
+        mse = (reconstructions.clamp(-1, 1) - images).pow(2).mean()
+        raw = (reconstructions - images).pow(2).mean()
+        mistakes = {
+            "the peak is the range of the pixel values, 2 for [-1, 1]: "
+            "10 · log10(4 / MSE).": 10 * torch.log10(1 / mse),
+            "clamp the reconstructions to [-1, 1] first, as they are shown.":
+                10 * torch.log10(4 / raw),
+            "20 · log10 goes with the RMS error: 20 · log10(2 / √MSE), which is "
+            "10 · log10(4 / MSE).": 20 * torch.log10(2 / mse),
+        }  # fmt: skip
+        got, error = call(fn, images, reconstructions.clone())
+        return got, error, torch.tensor(psnr(images, reconstructions)), mistakes
+
+    return check("psnr_db", [case(0.05), case(0.3)], atol=1e-3)
