@@ -7,4 +7,5 @@ package builds on them, and the recipes build on both.
     judge      the attribute classifier that reads generated images, prompt accuracy
     evaluate   prompt accuracy, FID and CLIP score of a text-to-image model
     zero_shot  the tiny CLIP's zero-shot accuracy on Shapes scenes
+    shards     Shapes scenes as webdataset tar shards (`sdscratch data shards`)
 """
