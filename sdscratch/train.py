@@ -113,7 +113,7 @@ def fit(
         bar.update()
         if len(run.losses) % 20 == 0:
             bar.set_postfix(loss=f"{sum(run.losses[-20:]) / 20:.4f}")
-        if checkpoint_every and len(run.losses) % checkpoint_every == 0:
+        if checkpoint and checkpoint_every and len(run.losses) % checkpoint_every == 0:
             run.save(Path(checkpoint))
     bar.close()
     model.eval()
