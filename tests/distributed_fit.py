@@ -53,8 +53,12 @@ def main():
     parser.add_argument("--batch", type=int, required=True, help="per process")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--shards", help="stream images from these shards instead")
+    parser.add_argument("--workers", type=int, default=0)
     args = parser.parse_args()
     accelerator = Accelerator()
+    if args.shards:
+        return stream_shards(accelerator, args)
     unet, schedule = tiny_unet(), NoiseSchedule.scaled_linear()
     loader = DataLoader(
         examples(),
@@ -98,6 +102,27 @@ def main():
         }
         with open(args.out + ".json", "w") as file:
             json.dump(report, file)
+    accelerator.wait_for_everyone()
+
+
+def stream_shards(accelerator, args):
+    """`fit` a 1×1 convolution on images streamed from shards; every process
+    writes how many batches it trained on, and of what size."""
+    from sdscratch.shards import ShardStream
+
+    stream = ShardStream(args.shards, args.batch, seed=3, workers=args.workers)
+    model = torch.nn.Conv2d(3, 3, 1)
+    sizes = []
+
+    def loss_fn(model, batch):
+        images, captions = batch
+        sizes.append(len(captions))
+        return (model(images) - images).pow(2).mean()
+
+    fit(model, loss_fn, stream, args.steps, progress=False, accelerator=accelerator)
+    rank = accelerator.process_index
+    with open(f"{args.out}.rank{rank}.json", "w") as file:
+        json.dump({"sizes": sizes, "skipped": stream.report()}, file)
     accelerator.wait_for_everyone()
 
 
