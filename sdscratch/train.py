@@ -9,13 +9,13 @@ checkpoint. The recipes that made the bundled checkpoints live in `sdscratch.rec
 
 import copy
 import random
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
+from accelerate.utils import parse_flag_from_env
 from tqdm.auto import tqdm
 
 CHECKPOINT_FILE = "rank-{rank}.pt"  # one file per process in fit's checkpoint folder
@@ -96,14 +96,19 @@ def fit(
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: _lr_factor(s, steps, warmup)
     )
-    live, optimizer = accelerator.prepare(model, optimizer)
+    # The model is not wrapped in DistributedDataParallel, whose wrapper has only
+    # `forward`: loss functions call `vae.encode` and the like. `step` averages the
+    # gradients between the processes itself, in one all-reduce.
+    model.to(accelerator.device)
+    optimizer = accelerator.prepare(optimizer)
+    _same_start(params, accelerator)
     # Asking a DataLoader for an iterator draws a seed from its generator: fit has
     # always asked once before training, and the bundled checkpoints were made so.
     once = iter(batches) is batches  # a generator cannot restart
     if isinstance(batches, torch.utils.data.DataLoader):
         batches = accelerator.prepare(batches)  # each process its share
     stream = BatchStream(batches, generators, once)
-    run = Run(live, optimizer, schedule, ema, stream, accelerator)
+    run = Run(model, optimizer, schedule, ema, stream, accelerator)
     if checkpoint is not None:
         run.resume(Path(checkpoint))
     bar = tqdm(total=steps, initial=len(run.losses), desc=desc,
@@ -132,26 +137,27 @@ class Run:
         """One AdamW step on `gradient_accumulation_steps` batches per process.
 
         Every batch's loss is divided by their number (in `accelerator.backward`),
-        so that the summed gradients are their mean; the processes average theirs
-        once, on the last batch (DistributedDataParallel's all-reduce).
+        so that the summed gradients are their mean; then the processes average
+        theirs, once per step, as DistributedDataParallel would.
         """
         accelerator = self.accelerator
         count = accelerator.gradient_accumulation_steps
         total = 0.0
-        for i in range(count):
+        for _ in range(count):
             batch = next(self.stream)
-            last = i == count - 1
-            with accelerator.no_sync(self.model) if not last else nullcontext():
+            with accelerator.autocast():  # mixed precision, if asked for
                 loss = loss_fn(self.model, batch)
-                accelerator.backward(loss)
+            accelerator.backward(loss)
             total = total + loss.detach()
+        if accelerator.num_processes > 1:
+            _average_gradients(params, accelerator.num_processes)
         if grad_clip is not None:
             accelerator.clip_grad_norm_(params, grad_clip)
         self.optimizer.step()
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
-            self.ema.update(accelerator.unwrap_model(self.model))
+            self.ema.update(self.model)
         if accelerator.num_processes > 1:
             total = accelerator.reduce(total, "mean")
         self.losses.append(total.item() / count)
@@ -162,7 +168,7 @@ class Run:
         accelerator = self.accelerator
         state = {
             "processes": accelerator.num_processes,
-            "model": accelerator.unwrap_model(self.model).state_dict(),
+            "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
             "ema": None if self.ema is None else self.ema.state_dict(),
@@ -186,7 +192,7 @@ class Run:
                 f"{path} was saved by {state['processes']} processes; resume it "
                 f"with as many, not {self.accelerator.num_processes}."
             )
-        self.accelerator.unwrap_model(self.model).load_state_dict(state["model"])
+        self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         if self.ema is not None:
@@ -194,6 +200,25 @@ class Run:
         self.losses = state["losses"]
         self.stream.seek(state["data"])  # draws the batches again, without training
         set_random_state(self.stream.generators, state["random"])
+
+
+def _same_start(params, accelerator):
+    """Give every process the first process's initial weights."""
+    if accelerator.num_processes > 1:
+        with torch.no_grad():
+            for p in params:
+                torch.distributed.broadcast(p.data, src=0)
+
+
+def _average_gradients(params, processes):
+    """Replace every process's gradients with their mean over the processes
+    (one all-reduce of all of them, flattened)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.flatten() for g in grads])  # (number of parameters,)
+    torch.distributed.all_reduce(flat)
+    flat /= processes
+    for p, chunk in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = chunk.view_as(p).clone()
 
 
 class BatchStream:
@@ -272,7 +297,7 @@ def rank_generator(seed: int) -> torch.Generator:
     Args:
         seed: the run's seed for this stream of draws.
     """
-    rank = PartialState().process_index
+    rank = processes().process_index
     if rank == 0:
         return torch.Generator().manual_seed(seed)
     words = np.random.SeedSequence([seed, rank]).generate_state(2)  # 2 × uint32
@@ -312,3 +337,12 @@ def diffusion_loss(unet, x0, schedule, generator=None, context=None, snr_gamma=N
     errors = (unet(x_t, t, context) - noise).pow(2).mean(dim=(1, 2, 3))  # (B,)
     snr = schedule.snr(t).to(errors)
     return (errors * snr.clamp(max=snr_gamma) / snr).mean()
+
+
+def processes() -> PartialState:
+    """Accelerate's view of this process among those `accelerate launch` started.
+
+    `accelerate launch --multi_gpu` on a machine without GPUs runs its processes
+    on the CPU (gloo) when ACCELERATE_USE_CPU=true, as an `Accelerator` reads it.
+    """
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))

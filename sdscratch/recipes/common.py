@@ -19,6 +19,10 @@ Seeds: a recipe's `seed` argument drives every random draw:
   are the same scenes; the table keeps what each recipe drew when it made its
   bundled checkpoint.
 
+Processes: under `accelerate launch` every process runs the recipe (`fit` splits
+the training between them; each draws its own noise, `sdscratch.train.rank_generator`)
+and the first one writes the checkpoint; a single process draws what it always drew.
+
 Manifest: every recipe's MANIFEST.json has the keys MANIFEST_KEYS; a recipe returns
 only its `quality`, `run_recipe` measures and writes the rest.
 """
@@ -35,6 +39,7 @@ import torch
 
 from sdscratch.checkpoint import write_manifest
 from sdscratch.shapes.data import Shapes
+from sdscratch.train import processes
 
 RECIPES = {}  # name -> (fn(out, seed, steps) -> quality dict, default folder name)
 TRAINED = Path("trained")  # where `train` writes by default: trained/<folder>
@@ -149,7 +154,10 @@ def run_recipe(name, out=None, seed=0, steps=None, force=False) -> dict:
     except BaseException:  # also Ctrl-C: no half-made checkpoint stays behind
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _move_into_place(staging, out, force)
+    if processes().is_main_process:
+        _move_into_place(staging, out, force)
+    else:  # under `accelerate launch`, the first process writes the checkpoint
+        shutil.rmtree(staging)
     return manifest
 
 

@@ -16,7 +16,7 @@ from sdscratch.recipes.common import (
     seeded,
 )
 from sdscratch.shapes.data import Shapes, collate
-from sdscratch.train import fit
+from sdscratch.train import fit, processes, rank_generator
 from sdscratch.vae import VAE, VAEConfig, measure_scaling_factor, psnr, vae_loss
 
 VAE_STEPS = 500  # AdamW steps of VAE_BATCH images (300 already give ~30.7 dB)
@@ -32,7 +32,9 @@ VAE_VAL_SCENES = 500  # held-out scenes (val split) for the PSNR in the manifest
 def train_vae(out, seed, steps):
     """The course's small AutoencoderKL, trained on Shapes: squared error + tiny KL."""
     steps = steps or VAE_STEPS
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # the order, on every process
+    # process 0 draws its latent samples from it too, as a single process does
+    noise = generator if processes().is_main_process else rank_generator(seed)
     with seeded(seed):  # the initial weights
         vae = VAE(VAEConfig())
     train = Shapes("train", seed=scenes_seed("vae", seed))
@@ -41,7 +43,7 @@ def train_vae(out, seed, steps):
     )
     losses = fit(
         vae,
-        lambda model, batch: vae_loss(model, batch[0], VAE_KL_WEIGHT, generator),
+        lambda model, batch: vae_loss(model, batch[0], VAE_KL_WEIGHT, noise),
         loader,
         steps,
         lr=VAE_LR,
