@@ -28,6 +28,8 @@ only its `quality`, `run_recipe` measures and writes the rest.
 """
 
 import contextlib
+import functools
+import inspect
 import os
 import shlex
 import shutil
@@ -122,7 +124,7 @@ def first_scenes(split, n, seed=COURSE_SCENES) -> tuple[torch.Tensor, list, list
     return Shapes(split, seed=seed, length=n).batch(range(n))
 
 
-def run_recipe(name, out=None, seed=0, steps=None, force=False) -> dict:
+def run_recipe(name, out=None, seed=0, steps=None, force=False, shards=None) -> dict:
     """Run a registered recipe, then write MANIFEST.json; return the manifest.
 
     The recipe writes into a new hidden folder beside `out`, which takes its place
@@ -136,10 +138,16 @@ def run_recipe(name, out=None, seed=0, steps=None, force=False) -> dict:
         seed: seeds every random draw of the recipe.
         steps: override the recipe's number of steps (short runs, tests).
         force: replace `out` if it holds anything.
+        shards: a folder of tar shards to stream the training images from
+            (recipes with a `shards` argument: vae).
     """
     if name not in RECIPES:
         raise ValueError(f"Unknown recipe {name!r}; choose one of {sorted(RECIPES)}.")
     fn, default_out = RECIPES[name]
+    if shards is not None:
+        if "shards" not in inspect.signature(fn).parameters:
+            raise ValueError(f"The {name} recipe cannot train on shards.")
+        fn = functools.partial(fn, shards=shards)
     command = ["python", "-m", "sdscratch", "train", name, "--seed", str(seed)]
     command += ["--steps", str(steps)] if steps is not None else []
     command += ["--out", str(out)] if out else []
