@@ -332,6 +332,57 @@ def add_evaluate_command(commands):
     evaluate.set_defaults(func=cmd_evaluate)
 
 
+def cmd_data_shards(args):
+    """Write Shapes scenes, or a folder of captioned images, as tar shards."""
+    from sdscratch.shards import folder_samples, write_shards
+
+    if args.images is not None:
+        samples = folder_samples(args.images)  # every caption checked first
+        what = f"{len(samples)} images of {args.images}"
+    else:
+        from sdscratch.shapes.shards import shapes_samples
+
+        samples = shapes_samples(args.scenes, args.split, args.size, args.seed)
+        what = f"{args.scenes} Shapes {args.split} scenes"
+    paths = write_shards(samples, args.out, args.count)
+    print(f"wrote {what} into {len(paths)} shards in {args.out}")
+
+
+def add_data_command(commands):
+    data = commands.add_parser("data", help="training data: write it as tar shards")
+    actions = data.add_subparsers(dest="action", required=True, parser_class=Parser)
+    shards = actions.add_parser(
+        "shards",
+        help="write Shapes (or --images FOLDER) as webdataset tar shards",
+        description="Write training data as webdataset tar shards (<key>.png and "
+        "<key>.txt, its caption), which the recipes can stream: Shapes scenes, or "
+        "the images of a folder, each with a caption in a .txt file of its name.",
+    )
+    shards.add_argument("--out", required=True, help="a new (or empty) folder")
+    shards.add_argument(
+        "--count", type=positive_int, required=True, help="number of shards"
+    )
+    shards.add_argument(
+        "--images", help="a folder of your images, cat.png with cat.txt (caption)"
+    )
+    shards.add_argument(
+        "--scenes",
+        type=positive_int,
+        default=10_000,
+        help="Shapes scenes to write (default: 10000)",
+    )
+    shards.add_argument(
+        "--split", choices=("train", "val", "test"), default="train", help="Shapes"
+    )
+    shards.add_argument(
+        "--size", type=positive_int, default=32, help="Shapes image side (default: 32)"
+    )
+    shards.add_argument(
+        "--seed", type=seed, default=0, help="Shapes' seed: the family of scenes"
+    )
+    shards.set_defaults(func=cmd_data_shards)
+
+
 def cmd_book_build(args):
     import time
 
@@ -412,6 +463,7 @@ def build_parser() -> Parser:
     )
     train.set_defaults(func=cmd_train)
     add_evaluate_command(commands)
+    add_data_command(commands)
     add_book_commands(commands)
     return parser
 

@@ -1,14 +1,24 @@
 """Training: the loop every model shares, EMA weights and the diffusion loss.
 
-The recipes that made the bundled checkpoints live in `sdscratch.recipes`.
+`fit` runs on Hugging Face Accelerate, so the same loop runs as one plain process or
+under `accelerate launch` (several processes, each training on its share of every
+batch, their gradients averaged), with the gradient accumulation and mixed precision
+that the `Accelerator` asks for, and it stops and resumes bit for bit from a
+checkpoint. The recipes that made the bundled checkpoints live in `sdscratch.recipes`.
 """
 
 import copy
-import itertools
+import random
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator, PartialState
+from accelerate.utils import parse_flag_from_env
 from tqdm.auto import tqdm
+
+CHECKPOINT_FILE = "rank-{rank}.pt"  # one file per process in fit's checkpoint folder
 
 
 class EMA:
@@ -29,6 +39,13 @@ class EMA:
         for ema, live in zip(self.model.buffers(), model.buffers()):
             ema.copy_(live)
 
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "model": self.model.state_dict()}
+
+    def load_state_dict(self, state: dict):
+        self.decay = state["decay"]
+        self.model.load_state_dict(state["model"])
+
 
 def fit(
     model,
@@ -42,8 +59,17 @@ def fit(
     warmup=0,
     desc="training",
     progress=True,
+    *,
+    accelerator=None,
+    generators=(),
+    checkpoint=None,
+    checkpoint_every=None,
 ) -> list[float]:
     """Train `model` for `steps` AdamW steps; return the loss at every step.
+
+    On several processes (`accelerate launch`), each draws its own batches (a
+    DataLoader is split between them by Accelerate) and the gradients are averaged:
+    two processes with batches of B/2 take the steps one process takes with B.
 
     Args:
         model: the module whose parameters are trained (set to train mode).
@@ -54,53 +80,228 @@ def fit(
         lr: peak learning rate, reached after `warmup` steps, cosine decay after.
         ema: an `EMA` of the model, updated after every step.
         grad_clip: clip the gradient norm to this (None: no clipping).
+        accelerator: an `accelerate.Accelerator` (default: a new one, which reads
+            `accelerate launch`'s settings: processes, mixed precision, and the
+            number of batches per step, ACCELERATE_GRADIENT_ACCUMULATION_STEPS).
+        generators: every `torch.Generator` that `batches` and `loss_fn` draw
+            from, so that a checkpoint holds their state.
+        checkpoint: a folder; with `checkpoint_every`, fit saves there every that
+            many steps (one file per process), and if it holds a checkpoint, fit
+            resumes from it: the same weights, bit for bit, as a run never stopped.
     """
+    accelerator = accelerator or Accelerator()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: _lr_factor(s, steps, warmup)
     )
-    losses = []
-    bar = tqdm(
-        itertools.islice(_repeat(batches), steps),
-        total=steps,
-        desc=desc,
-        disable=not progress,
-    )
-    for batch in bar:
-        loss = loss_fn(model, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        optimizer.step()
-        schedule.step()
-        if ema is not None:
-            ema.update(model)
-        losses.append(loss.item())
-        if len(losses) % 20 == 0:
-            bar.set_postfix(loss=f"{sum(losses[-20:]) / 20:.4f}")
+    # The model is not wrapped in DistributedDataParallel, whose wrapper has only
+    # `forward`: loss functions call `vae.encode` and the like. `step` averages the
+    # gradients between the processes itself, in one all-reduce.
+    model.to(accelerator.device)
+    optimizer = accelerator.prepare(optimizer)
+    _same_start(params, accelerator)
+    # Asking a DataLoader for an iterator draws a seed from its generator: fit has
+    # always asked once before training, and the bundled checkpoints were made so.
+    once = iter(batches) is batches  # a generator cannot restart
+    if isinstance(batches, torch.utils.data.DataLoader):
+        batches = accelerator.prepare(batches)  # each process its share
+    stream = BatchStream(batches, generators, once)
+    run = Run(model, optimizer, schedule, ema, stream, accelerator)
+    if checkpoint is not None:
+        run.resume(Path(checkpoint))
+    bar = tqdm(total=steps, initial=len(run.losses), desc=desc,
+               disable=not progress or not accelerator.is_main_process)  # fmt: skip
+    while len(run.losses) < steps:
+        run.step(loss_fn, params, grad_clip)
+        bar.update()
+        if len(run.losses) % 20 == 0:
+            bar.set_postfix(loss=f"{sum(run.losses[-20:]) / 20:.4f}")
+        if checkpoint and checkpoint_every and len(run.losses) % checkpoint_every == 0:
+            run.save(Path(checkpoint))
+    bar.close()
     model.eval()
-    return losses
+    return run.losses
 
 
-def _repeat(batches):
-    """Yield from `batches` again and again, without keeping its batches in memory.
+class Run:
+    """What `fit` trains and how far it got: what a checkpoint saves and restores."""
 
-    (`itertools.cycle` keeps a copy of every batch it has yielded: with a DataLoader
-    that draws images on the fly, memory would grow by one batch per step.)
+    def __init__(self, model, optimizer, schedule, ema, stream, accelerator):
+        self.model, self.optimizer, self.schedule = model, optimizer, schedule
+        self.ema, self.stream, self.accelerator = ema, stream, accelerator
+        self.losses = []  # one per step, averaged over the processes
+
+    def step(self, loss_fn, params, grad_clip):
+        """One AdamW step on `gradient_accumulation_steps` batches per process.
+
+        Every batch's loss is divided by their number (in `accelerator.backward`),
+        so that the summed gradients are their mean; then the processes average
+        theirs, once per step, as DistributedDataParallel would.
+        """
+        accelerator = self.accelerator
+        count = accelerator.gradient_accumulation_steps
+        total = 0.0
+        for _ in range(count):
+            batch = next(self.stream)
+            with accelerator.autocast():  # mixed precision, if asked for
+                loss = loss_fn(self.model, batch)
+            accelerator.backward(loss)
+            total = total + loss.detach()
+        if accelerator.num_processes > 1:
+            _average_gradients(params, accelerator.num_processes)
+        if grad_clip is not None:
+            accelerator.clip_grad_norm_(params, grad_clip)
+        self.optimizer.step()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)
+        if accelerator.num_processes > 1:
+            total = accelerator.reduce(total, "mean")
+        self.losses.append(total.item() / count)
+
+    def save(self, folder: Path):
+        """Write this process's checkpoint file (atomically) into `folder`."""
+        folder.mkdir(parents=True, exist_ok=True)
+        accelerator = self.accelerator
+        state = {
+            "processes": accelerator.num_processes,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "ema": None if self.ema is None else self.ema.state_dict(),
+            "losses": self.losses,
+            "data": self.stream.position(),
+            "random": random_state(self.stream.generators),
+        }
+        path = folder / CHECKPOINT_FILE.format(rank=accelerator.process_index)
+        torch.save(state, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)
+        accelerator.wait_for_everyone()
+
+    def resume(self, folder: Path):
+        """Load this process's checkpoint file from `folder`, if there is one."""
+        path = folder / CHECKPOINT_FILE.format(rank=self.accelerator.process_index)
+        if not path.exists():
+            return
+        state = torch.load(path, weights_only=True)  # tensors only: no pickled code
+        if state["processes"] != self.accelerator.num_processes:
+            raise ValueError(
+                f"{path} was saved by {state['processes']} processes; resume it "
+                f"with as many, not {self.accelerator.num_processes}."
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.losses = state["losses"]
+        self.stream.seek(state["data"])  # draws the batches again, without training
+        set_random_state(self.stream.generators, state["random"])
+
+
+def _same_start(params, accelerator):
+    """Give every process the first process's initial weights."""
+    if accelerator.num_processes > 1:
+        with torch.no_grad():
+            for p in params:
+                torch.distributed.broadcast(p.data, src=0)
+
+
+def _average_gradients(params, processes):
+    """Replace every process's gradients with their mean over the processes
+    (one all-reduce of all of them, flattened)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.flatten() for g in grads])  # (number of parameters,)
+    torch.distributed.all_reduce(flat)
+    flat /= processes
+    for p, chunk in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = chunk.view_as(p).clone()
+
+
+class BatchStream:
+    """The batches `fit` draws, one after the other, and where it is in them.
+
+    Its position is the number of passes over `batches`, the batches drawn in this
+    pass, and the random state at the pass's start: enough to draw the same
+    batches again after a restart.
     """
-    if iter(batches) is batches:  # a generator cannot restart: it must last
-        yield from batches
-        raise ValueError("fit() ran out of batches: give a list or a DataLoader.")
-    while True:
-        empty = True
-        for batch in batches:
-            empty = False
-            yield batch
-        if empty:
+
+    def __init__(self, batches, generators=(), once=None):
+        self.batches, self.generators = batches, list(generators)
+        self.once = iter(batches) is batches if once is None else once
+        self.passes, self.drawn, self.start, self.iterator = 0, 0, None, None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.iterator is None:
+            self._begin()
+        batch = next(self.iterator, _END)
+        if batch is _END and not self.once and self.drawn > 0:
+            self.passes += 1
+            self._begin()
+            batch = next(self.iterator, _END)
+        if batch is _END and self.once:
+            raise ValueError("fit() ran out of batches: give a list or a DataLoader.")
+        if batch is _END:
             raise ValueError("fit() got no batches to train on.")
+        self.drawn += 1
+        return batch
+
+    def _begin(self):
+        self.start, self.drawn = random_state(self.generators), 0
+        self.iterator = iter(self.batches)
+
+    def position(self) -> dict:
+        return {"passes": self.passes, "drawn": self.drawn, "start": self.start}
+
+    def seek(self, position: dict):
+        """Go to `position`: the random state of its pass's start, then its
+        batches drawn again (`fit` restores the random state after them)."""
+        set_random_state(self.generators, position["start"])
+        self._begin()
+        for _ in range(position["drawn"]):
+            next(self)
+        self.passes = position["passes"]
+
+
+_END = object()
+
+
+def random_state(generators=()) -> dict:
+    """The state of torch's and Python's global generators and of `generators`."""
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "generators": [g.get_state() for g in generators],
+    }
+
+
+def set_random_state(generators, state: dict):
+    """Put `random_state`'s result back."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    for generator, saved in zip(generators, state["generators"], strict=True):
+        generator.set_state(saved)
+
+
+def rank_generator(seed: int) -> torch.Generator:
+    """A `torch.Generator` for this process: on the first (or only) process seeded
+    with `seed`, so that a single process draws what it always drew; on process r
+    seeded from (seed, r), so that no two processes draw the same noise.
+
+    Args:
+        seed: the run's seed for this stream of draws.
+    """
+    rank = processes().process_index
+    if rank == 0:
+        return torch.Generator().manual_seed(seed)
+    words = np.random.SeedSequence([seed, rank]).generate_state(2)  # 2 × uint32
+    return torch.Generator().manual_seed(int(words[0]) << 32 | int(words[1]))
 
 
 def _lr_factor(step, steps, warmup):
@@ -150,3 +351,12 @@ def min_snr_weight(snr: torch.Tensor, gamma: float) -> torch.Tensor:
         (B,) weights in (0, 1].
     """
     return snr.clamp(max=gamma) / snr
+
+
+def processes() -> PartialState:
+    """Accelerate's view of this process among those `accelerate launch` started.
+
+    `accelerate launch --multi_gpu` on a machine without GPUs runs its processes
+    on the CPU (gloo) when ACCELERATE_USE_CPU=true, as an `Accelerator` reads it.
+    """
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))

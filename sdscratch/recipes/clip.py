@@ -20,7 +20,7 @@ from sdscratch.recipes.common import mean_of_last, recipe, scenes_seed, seeded
 from sdscratch.shapes.data import Shapes, caption, vocabulary
 from sdscratch.shapes.zero_shot import scene_edits, zero_shot_accuracy
 from sdscratch.tokenizer import train_bpe
-from sdscratch.train import fit
+from sdscratch.train import fit, rank_generator
 
 CLIP_STEPS = 1200  # AdamW steps of CLIP_BATCH image-caption pairs (8 CPU minutes)
 CLIP_BATCH = 128
@@ -84,7 +84,7 @@ def train_clip(out, seed, steps):
 
     pool = min(CLIP_POOL, steps * CLIP_BATCH)
     images, ids, negative_ids, groups = _pairs(train, pool, tokenizer, seed)
-    generator = torch.Generator().manual_seed(seed)
+    generator = rank_generator(seed)  # each process its own batches
 
     def batches():
         for _ in range(steps):

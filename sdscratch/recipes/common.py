@@ -19,11 +19,17 @@ Seeds: a recipe's `seed` argument drives every random draw:
   are the same scenes; the table keeps what each recipe drew when it made its
   bundled checkpoint.
 
+Processes: under `accelerate launch` every process runs the recipe (`fit` splits
+the training between them; each draws its own noise, `sdscratch.train.rank_generator`)
+and the first one writes the checkpoint; a single process draws what it always drew.
+
 Manifest: every recipe's MANIFEST.json has the keys MANIFEST_KEYS; a recipe returns
 only its `quality`, `run_recipe` measures and writes the rest.
 """
 
 import contextlib
+import functools
+import inspect
 import os
 import shlex
 import shutil
@@ -35,6 +41,7 @@ import torch
 
 from sdscratch.checkpoint import write_manifest
 from sdscratch.shapes.data import Shapes
+from sdscratch.train import processes
 
 RECIPES = {}  # name -> (fn(out, seed, steps) -> quality dict, default folder name)
 TRAINED = Path("trained")  # where `train` writes by default: trained/<folder>
@@ -117,7 +124,7 @@ def first_scenes(split, n, seed=COURSE_SCENES) -> tuple[torch.Tensor, list, list
     return Shapes(split, seed=seed, length=n).batch(range(n))
 
 
-def run_recipe(name, out=None, seed=0, steps=None, force=False) -> dict:
+def run_recipe(name, out=None, seed=0, steps=None, force=False, shards=None) -> dict:
     """Run a registered recipe, then write MANIFEST.json; return the manifest.
 
     The recipe writes into a new hidden folder beside `out`, which takes its place
@@ -131,10 +138,16 @@ def run_recipe(name, out=None, seed=0, steps=None, force=False) -> dict:
         seed: seeds every random draw of the recipe.
         steps: override the recipe's number of steps (short runs, tests).
         force: replace `out` if it holds anything.
+        shards: a folder of tar shards to stream the training images from
+            (recipes with a `shards` argument: vae).
     """
     if name not in RECIPES:
         raise ValueError(f"Unknown recipe {name!r}; choose one of {sorted(RECIPES)}.")
     fn, default_out = RECIPES[name]
+    if shards is not None:
+        if "shards" not in inspect.signature(fn).parameters:
+            raise ValueError(f"The {name} recipe cannot train on shards.")
+        fn = functools.partial(fn, shards=shards)
     command = ["python", "-m", "sdscratch", "train", name, "--seed", str(seed)]
     command += ["--steps", str(steps)] if steps is not None else []
     command += ["--out", str(out)] if out else []
@@ -149,7 +162,10 @@ def run_recipe(name, out=None, seed=0, steps=None, force=False) -> dict:
     except BaseException:  # also Ctrl-C: no half-made checkpoint stays behind
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _move_into_place(staging, out, force)
+    if processes().is_main_process:
+        _move_into_place(staging, out, force)
+    else:  # under `accelerate launch`, the first process writes the checkpoint
+        shutil.rmtree(staging)
     return manifest
 
 

@@ -17,7 +17,7 @@ from sdscratch.shapes.judge import (
     degrade,
     judge_loss,
 )
-from sdscratch.train import fit
+from sdscratch.train import fit, rank_generator
 
 JUDGE_STEPS, JUDGE_BATCH, JUDGE_LR = 600, 128, 3e-3
 JUDGE_HELDOUT = 10_000  # test scenes the accuracy is measured on
@@ -37,7 +37,7 @@ def train_judge(out, seed, steps):
         collate_fn=collate,
         generator=torch.Generator().manual_seed(seed),
     )
-    noise = torch.Generator().manual_seed(seed + 1)
+    noise = rank_generator(seed + 1)  # each process its own degradations
 
     def loss_fn(model, batch):
         images, _, scenes = batch

@@ -20,7 +20,7 @@ from sdscratch.schedules import NoiseSchedule
 from sdscratch.shapes.data import Shapes
 from sdscratch.shapes.evaluate import evaluate_model
 from sdscratch.tokenizer import Tokenizer
-from sdscratch.train import EMA, diffusion_loss, fit
+from sdscratch.train import EMA, diffusion_loss, fit, rank_generator
 from sdscratch.unet import UNet, UNetConfig
 from sdscratch.vae import VAE, VAEConfig
 
@@ -138,7 +138,7 @@ def _fit_latent_unet(unet, schedule, posteriors, text, steps, seed):
         seed: of the one generator of batches, latent samples, dropout and noise.
     """
     (means, stds, scale), (ids, empty, text_encoder) = posteriors, text
-    generator = torch.Generator().manual_seed(seed)
+    generator = rank_generator(seed)  # each process its own batches and noise
 
     def batches():
         for _ in range(steps):

@@ -28,7 +28,7 @@ from sdscratch.shapes.data import BACKGROUND, COLOURS
 from sdscratch.shapes.evaluate import evaluation_prompts, fid_floor, real_features
 from sdscratch.shapes.judge import image_features, prompt_accuracy
 from sdscratch.tokenizer import Tokenizer
-from sdscratch.train import EMA, diffusion_loss, fit
+from sdscratch.train import EMA, diffusion_loss, fit, rank_generator
 from sdscratch.unet import UNet, UNetConfig
 
 PIXEL_STEPS = 450  # AdamW steps of PIXEL_BATCH scenes
@@ -180,7 +180,7 @@ def _train_pixel_unet(unet, schedule, images, contexts, steps, seed, empty=None)
         generator=torch.Generator().manual_seed(seed),
         drop_last=len(images) > PIXEL_BATCH,
     )
-    noise = torch.Generator().manual_seed(seed + 1)
+    noise = rank_generator(seed + 1)  # each process its own noise
 
     def loss_fn(model, batch):
         context = batch[1] if len(batch) > 1 else None

@@ -16,7 +16,8 @@ from sdscratch.recipes.common import (
     seeded,
 )
 from sdscratch.shapes.data import Shapes, collate
-from sdscratch.train import fit
+from sdscratch.shards import ShardStream
+from sdscratch.train import fit, processes, rank_generator
 from sdscratch.vae import VAE, VAEConfig, measure_scaling_factor, psnr, vae_loss
 
 VAE_STEPS = 500  # AdamW steps of VAE_BATCH images (300 already give ~30.7 dB)
@@ -29,26 +30,38 @@ VAE_VAL_SCENES = 500  # held-out scenes (val split) for the PSNR in the manifest
 
 
 @recipe("vae", default_out="shapes-vae")
-def train_vae(out, seed, steps):
-    """The course's small AutoencoderKL, trained on Shapes: squared error + tiny KL."""
+def train_vae(out, seed, steps, shards=None):
+    """The course's small AutoencoderKL, trained on Shapes: squared error + tiny KL.
+
+    shards: a folder of tar shards (`sdscratch data shards`, Shapes or one's own
+    images) to stream the training images from, instead of drawing Shapes.
+    """
     steps = steps or VAE_STEPS
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # the order, on every process
+    # process 0 draws its latent samples from it too, as a single process does
+    noise = generator if processes().is_main_process else rank_generator(seed)
     with seeded(seed):  # the initial weights
         vae = VAE(VAEConfig())
     train = Shapes("train", seed=scenes_seed("vae", seed))
     loader = torch.utils.data.DataLoader(
         train, VAE_BATCH, shuffle=True, generator=generator, collate_fn=collate
     )
+    if shards is not None:  # batches of (images, captions), endless, per process
+        loader = ShardStream(shards, VAE_BATCH, size=32, seed=seed)
     losses = fit(
         vae,
-        lambda model, batch: vae_loss(model, batch[0], VAE_KL_WEIGHT, generator),
+        lambda model, batch: vae_loss(model, batch[0], VAE_KL_WEIGHT, noise),
         loader,
         steps,
         lr=VAE_LR,
         warmup=min(VAE_WARMUP, steps // 10),
         desc="vae",
     )
-    images = first_scenes("train", VAE_SCALE_SCENES, train.seed)[0]
+    if shards is None:
+        images = first_scenes("train", VAE_SCALE_SCENES, train.seed)[0]
+    else:  # the latents of the images it trained on set the scaling factor
+        count = VAE_SCALE_SCENES // VAE_BATCH
+        images = torch.cat([batch[0] for _, batch in zip(range(count), loader)])
     vae.config.scaling_factor = round(measure_scaling_factor(vae, images, generator), 5)
     save_component(vae, out / "vae", vae.config, dtype=torch.float16)
     stored = load_component(out / "vae", VAE, VAEConfig)
@@ -58,7 +71,8 @@ def train_vae(out, seed, steps):
         psnrs = [
             psnr(held_out, m.decode(m.encode(held_out).mode())) for m in (stored, vae)
         ]
-    return {
+    skipped = {} if shards is None else {"shards_skipped": loader.report()}
+    return skipped | {
         "psnr_db_val": round(psnrs[0], 2),
         "psnr_db_val_float32": round(psnrs[1], 2),
         "scaling_factor": stored.config.scaling_factor,
