@@ -256,7 +256,12 @@ def cmd_train(args):
     from sdscratch.recipes import run_recipe
 
     manifest = run_recipe(
-        args.recipe, out=args.out, seed=args.seed, steps=args.steps, force=args.force
+        args.recipe,
+        out=args.out,
+        seed=args.seed,
+        steps=args.steps,
+        force=args.force,
+        shards=args.shards,
     )
     print(f"trained in {manifest['wall_time_seconds']:.0f} s: {manifest['quality']}")
 
@@ -456,6 +461,11 @@ def build_parser() -> Parser:
     train.add_argument("--seed", type=int, default=0, help="seed of every random draw")
     train.add_argument("--steps", type=positive_int, help="override the training steps")
     train.add_argument("--out", help="output folder (default: trained/<model>)")
+    train.add_argument(
+        "--shards",
+        help="train on the images of these tar shards (`sdscratch data shards`), "
+        "e.g. your own; recipes that can: vae",
+    )
     train.add_argument(
         "--force",
         action="store_true",

@@ -167,5 +167,13 @@ def test_the_vae_recipe_trains_on_a_folder_of_own_images(tmp_path):
     manifest = run_recipe("vae", tmp_path / "vae", steps=2, shards=tmp_path / "s")
     assert (tmp_path / "vae" / "vae").is_dir()
     assert manifest["quality"]["shards_skipped"] == ""  # nothing was unusable
+    assert manifest["command"].endswith(f"--shards {tmp_path / 's'}")
+    # the command line: the same run, and a recipe that cannot is one sentence
+    assert main(["train", "vae", "--steps", "2", "--out", str(tmp_path / "cli"),
+                 "--shards", str(tmp_path / "s")]) == 0  # fmt: skip
+    assert (tmp_path / "cli" / "vae").is_dir()
+    assert main(["train", "judge", "--steps", "2", "--out", str(tmp_path / "j"),
+                 "--shards", str(tmp_path / "s")]) == 2  # fmt: skip
+    assert not (tmp_path / "j").exists()
     with pytest.raises(ValueError, match="judge recipe cannot train on shards"):
         run_recipe("judge", tmp_path / "judge", steps=2, shards=tmp_path / "s")

@@ -151,6 +151,7 @@ def run_recipe(name, out=None, seed=0, steps=None, force=False, shards=None) -> 
     command = ["python", "-m", "sdscratch", "train", name, "--seed", str(seed)]
     command += ["--steps", str(steps)] if steps is not None else []
     command += ["--out", str(out)] if out else []
+    command += ["--shards", str(shards)] if shards is not None else []
     out = Path(out) if out else TRAINED / default_out
     _check_out(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
