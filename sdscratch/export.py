@@ -8,8 +8,6 @@ they trained or loaded here.
 
 import tempfile
 
-import torch
-
 from sdscratch import port
 
 
@@ -71,16 +69,6 @@ def text_encoder_config_to_transformers(config, tokenizer):
     )
 
 
-def _build(cls, config, state):
-    """`cls(**config)` on the meta device (no random initialisation), then given
-    copies of our tensors, every one used."""
-    with torch.device("meta"):
-        model = cls(**config)
-    state = {key: value.detach().clone() for key, value in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
-
-
 def to_diffusers(pipe):
     """A diffusers `StableDiffusionPipeline` with `pipe`'s weights, tokenizer and
     schedule (DDIMScheduler with SD's settings), on `pipe`'s device and dtype.
@@ -98,14 +86,14 @@ def to_diffusers(pipe):
     )
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    unet = _build(
-        UNet2DConditionModel,
-        unet_config_to_diffusers(pipe.unet.config),
+    unet_config = unet_config_to_diffusers(pipe.unet.config)
+    unet = port.build_on_meta(
+        lambda: UNet2DConditionModel(**unet_config),
         port.unet_state_dict_to_diffusers(pipe.unet.state_dict()),
     )
-    vae = _build(
-        AutoencoderKL,
-        vae_config_to_diffusers(pipe.vae.config),
+    vae_config = vae_config_to_diffusers(pipe.vae.config)
+    vae = port.build_on_meta(
+        lambda: AutoencoderKL(**vae_config),
         port.vae_state_dict_to_diffusers(pipe.vae.state_dict()),
     )
     text_config = text_encoder_config_to_transformers(

@@ -41,6 +41,25 @@ def rename_parts(name: str, table: dict, reverse=False) -> str:
     return name[1:-1]
 
 
+def build_on_meta(make, state: dict, like=None):
+    """`make()` on the meta device (no memory, no random initialisation), then
+    given copies of `state`'s tensors (strictly: every one used, none missing).
+
+    Args:
+        make: builds the empty model, e.g. `lambda: UNet(config)`.
+        like: a tensor whose device and dtype the model takes (None: state's own).
+    Returns:
+        The model in eval mode.
+    """
+    with torch.device("meta"):
+        model = make()
+    state = {key: value.detach().clone() for key, value in state.items()}  # copies
+    model.load_state_dict(state, strict=True, assign=True)
+    if like is not None:
+        model = model.to(like.device, like.dtype)
+    return model.eval()
+
+
 def vae_config_from_diffusers(config):
     """Our `VAEConfig` from an `AutoencoderKL.config` (or its config.json as a dict);
     refuse what we do not build."""
@@ -163,15 +182,12 @@ def text_encoder_from_transformers(model):
     """
     from sdscratch.clip import TextEncoder
 
-    parameter = next(model.parameters())
     projection = hasattr(model, "text_projection")
     config = text_encoder_config_from_transformers(model.config, projection)
-    with torch.device("meta"):
-        text_encoder = TextEncoder(config)
     state = text_encoder_state_dict_from_transformers(model.state_dict())
-    state = {key: value.clone() for key, value in state.items()}  # a copy, not a view
-    text_encoder.load_state_dict(state, strict=True, assign=True)
-    return text_encoder.to(parameter.device, parameter.dtype).eval()
+    return build_on_meta(
+        lambda: TextEncoder(config), state, like=next(model.parameters())
+    )
 
 
 # ---------------------------------------------------------------------------------
@@ -275,13 +291,9 @@ def unet_from_diffusers(model):
     """
     from sdscratch.unet import UNet
 
-    parameter = next(model.parameters())
-    with torch.device("meta"):
-        unet = UNet(unet_config_from_diffusers(model.config))
+    config = unet_config_from_diffusers(model.config)
     state = unet_state_dict_from_diffusers(model.state_dict())
-    state = {key: value.clone() for key, value in state.items()}  # a copy, not a view
-    unet.load_state_dict(state, strict=True, assign=True)
-    return unet.to(parameter.device, parameter.dtype).eval()
+    return build_on_meta(lambda: UNet(config), state, like=next(model.parameters()))
 
 
 def _require(config, expected, what):
@@ -369,13 +381,11 @@ def controlnet_from_diffusers(model):
     """
     from sdscratch.controlnet import ControlNet
 
-    parameter = next(model.parameters())
-    with torch.device("meta"):
-        controlnet = ControlNet(controlnet_config_from_diffusers(model.config))
+    config = controlnet_config_from_diffusers(model.config)
     state = controlnet_state_dict_from_diffusers(model.state_dict())
-    state = {key: value.clone() for key, value in state.items()}  # a copy, not a view
-    controlnet.load_state_dict(state, strict=True, assign=True)
-    return controlnet.to(parameter.device, parameter.dtype).eval()
+    return build_on_meta(
+        lambda: ControlNet(config), state, like=next(model.parameters())
+    )
 
 
 def controlnet_to_diffusers(controlnet):
@@ -394,9 +404,5 @@ def controlnet_to_diffusers(controlnet):
             c.conditioning_embedding_out_channels
         ),
     )
-    with torch.device("meta"):
-        model = ControlNetModel(**config)
     state = controlnet_state_dict_to_diffusers(controlnet.state_dict())
-    state = {key: value.detach().clone() for key, value in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
+    return build_on_meta(lambda: ControlNetModel(**config), state)
