@@ -20,7 +20,6 @@ processes slow every figure, the 2-process one most.
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,8 @@ from pathlib import Path
 import torch
 from _machine import machine  # benchmarks/_machine.py, beside this script
 from torch.utils.data import DataLoader, TensorDataset
+
+from sdscratch.train import cpu_launch
 
 SCENES = 2048  # scenes in memory, and in the shards
 SHARDS = 4
@@ -102,30 +103,8 @@ def run(args, processes, source, shards) -> float:
         "--shards",
         str(shards),
     ]
-    command = [sys.executable, *script]
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-    if processes > 1:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        command = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            str(processes),
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            str(port),
-            *script,
-        ]
-        env["ACCELERATE_USE_CPU"] = "true"
+    command, launch_env = cpu_launch(script, processes)
+    env = os.environ | {"OMP_NUM_THREADS": "1"} | launch_env
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(result.stderr[-3000:])

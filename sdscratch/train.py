@@ -9,6 +9,8 @@ checkpoint. The recipes that made the bundled checkpoints live in `sdscratch.rec
 
 import copy
 import random
+import socket
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -360,3 +362,23 @@ def processes() -> PartialState:
     on the CPU (gloo) when ACCELERATE_USE_CPU=true, as an `Accelerator` reads it.
     """
     return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def cpu_launch(script: list[str], count: int) -> tuple[list[str], dict]:
+    """The command line that runs `python *script` as `count` processes on the CPU
+    (`accelerate launch --multi_gpu`: torchrun and gloo), and the environment
+    variables it needs; one process is plain `python *script`.
+
+    Returns:
+        (argv, {variable: value}) to add to the environment.
+    """
+    if count == 1:
+        return [sys.executable, *script], {}
+    with socket.socket() as free:  # a port nobody listens on, for the rendezvous
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                "--num_processes", str(count), "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(port)]  # fmt: skip
+    return [*launcher, *script], {"ACCELERATE_USE_CPU": "true"}

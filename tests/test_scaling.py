@@ -7,47 +7,24 @@ starts from the same weights and sees the same examples in the same order.
 
 import json
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from sdscratch.train import cpu_launch
+
 WORKER = Path(__file__).parent / "distributed_fit.py"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train(tmp_path, name, batch, processes=1, **env) -> tuple[dict, dict]:
     """Run the worker; return the weights it trained and its report."""
     out = tmp_path / f"{name}.safetensors"
-    command = [sys.executable, str(WORKER), "--batch", str(batch), "--out", str(out)]
-    if processes > 1:  # accelerate launch --multi_gpu on the CPU: torchrun + gloo
-        launcher = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            str(processes),
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            str(free_port()),
-        ]
-        command = launcher + command[1:]
-        env["ACCELERATE_USE_CPU"] = "true"
+    script = [str(WORKER), "--batch", str(batch), "--out", str(out)]
+    command, launch_env = cpu_launch(script, processes)
+    env |= launch_env
     env = os.environ | {"OMP_NUM_THREADS": "1"} | env
     result = subprocess.run(
         command, env=env, capture_output=True, text=True, timeout=240

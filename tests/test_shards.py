@@ -131,21 +131,20 @@ def test_shards_with_nothing_usable_stop_instead_of_hanging(tmp_path, monkeypatc
 
 def test_two_processes_stream_one_shard_with_two_workers_each(tmp_path):
     """Fewer shards (1) than processes × workers (4): no hang, equal batches."""
-    from test_scaling import WORKER, free_port
+    from test_scaling import WORKER
+
+    from sdscratch.train import cpu_launch
 
     assert main(["data", "shards", "--out", str(tmp_path / "s"), "--count", "1",
                  "--scenes", "40"]) == 0  # fmt: skip
     import os
     import subprocess
-    import sys
 
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-               "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-               "no", "--dynamo_backend", "no", "--main_process_port",
-               str(free_port()), str(WORKER), "--batch", "8", "--steps", "6",
-               "--shards", str(tmp_path / "s"), "--workers", "2", "--out",
-               str(tmp_path / "run")]  # fmt: skip
-    env = os.environ | {"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    script = [str(WORKER), "--batch", "8", "--steps", "6", "--workers", "2",
+              "--shards", str(tmp_path / "s"),
+              "--out", str(tmp_path / "run")]  # fmt: skip
+    command, launch_env = cpu_launch(script, 2)
+    env = os.environ | {"OMP_NUM_THREADS": "1"} | launch_env
     result = subprocess.run(command, env=env, capture_output=True, text=True,
                             timeout=180)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
