@@ -168,6 +168,29 @@ def make_book(root, titles=("Adding noise", "Removing noise"), unlisted=()):
     return root
 
 
+@pytest.fixture(scope="module")
+def bundled():
+    """The bundled shapes-ldm pipeline, loaded once per test module."""
+    from sdscratch.pipeline import StableDiffusion
+
+    return StableDiffusion.from_pretrained("shapes-ldm")
+
+
+@pytest.fixture
+def pipe(bundled):
+    """A copy of the bundled pipeline that a test may change (LoRAs, tokens)."""
+    import copy
+
+    return copy.deepcopy(bundled)
+
+
+def diffusers_of(pipe):
+    """`pipe.to_diffusers()`, without its progress bars."""
+    reference = pipe.to_diffusers()
+    reference.set_progress_bar_config(disable=True)
+    return reference
+
+
 @pytest.fixture
 def tiny_book(tmp_path):
     """Two lessons (math, a figure, a progress bar, a solution) in tmp_path."""

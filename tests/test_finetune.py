@@ -1,25 +1,12 @@
 """Fine-tuning: each method trains what it should, and nothing else, and learns."""
 
-import copy
-
 import pytest
 import torch
 
 from sdscratch.finetune import class_images, denoising_loss, encode_examples, finetune
 from sdscratch.lora import LoRA
-from sdscratch.pipeline import StableDiffusion
 from sdscratch.shapes.data import Shapes
 from sdscratch.textual_inversion import NewTokens, token_embedding
-
-
-@pytest.fixture(scope="module")
-def bundled():
-    return StableDiffusion.from_pretrained("shapes-ldm")
-
-
-@pytest.fixture
-def pipe(bundled):
-    return copy.deepcopy(bundled)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from conftest import run_cli
+from conftest import diffusers_of, run_cli
 from sdscratch.lora import (
     UNET_TARGETS,
     LoRALayer,
@@ -41,16 +41,6 @@ OPTIONS = dict(num_inference_steps=4, guidance_scale=7.5, output_type="pt")
 TOLERANCE = 1e-4
 
 
-@pytest.fixture(scope="module")
-def bundled():
-    return StableDiffusion.from_pretrained("shapes-ldm")
-
-
-@pytest.fixture
-def pipe(bundled):
-    return copy.deepcopy(bundled)
-
-
 def ours(pipe, seed=7):
     images = pipe(PROMPTS, generator=torch.Generator().manual_seed(seed), **OPTIONS)
     return (images / 2 + 0.5).clamp(0, 1)
@@ -59,12 +49,6 @@ def ours(pipe, seed=7):
 def theirs(reference, seed=7):
     generator = torch.Generator().manual_seed(seed)
     return reference(PROMPTS, generator=generator, **OPTIONS).images
-
-
-def diffusers_of(pipe):
-    reference = pipe.to_diffusers()
-    reference.set_progress_bar_config(disable=True)
-    return reference
 
 
 def randomise_b(lora, seed=0, std=0.05):

@@ -15,7 +15,6 @@ from sdscratch.merge import (
     merge_state_dicts,
     weighted_sum,
 )
-from sdscratch.pipeline import StableDiffusion
 from sdscratch.unet import UNet, UNetConfig
 
 PROMPTS = ["a small red circle on the left", "a big blue star above a green cross"]
@@ -66,11 +65,6 @@ def test_integer_tensors_are_never_averaged():
     }
     merged = merge_state_dicts(half, b.state_dict(), alpha=0.5)
     assert merged["0.weight"].dtype == torch.float16  # A's dtype
-
-
-@pytest.fixture(scope="module")
-def bundled():
-    return StableDiffusion.from_pretrained("shapes-ldm")
 
 
 def images(pipe, seed=5):

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import CLIPTokenizer
 
-from conftest import run_cli
+from conftest import diffusers_of, run_cli
 from sdscratch.pipeline import StableDiffusion
 from sdscratch.textual_inversion import (
     load_textual_inversion,
@@ -24,16 +24,6 @@ OPTIONS = dict(num_inference_steps=4, guidance_scale=7.5, output_type="pt")
 TOLERANCE = 1e-4
 
 
-@pytest.fixture(scope="module")
-def bundled():
-    return StableDiffusion.from_pretrained("shapes-ldm")
-
-
-@pytest.fixture
-def pipe(bundled):
-    return copy.deepcopy(bundled)
-
-
 def ours(pipe, prompts=PROMPTS, seed=3):
     images = pipe(prompts, generator=torch.Generator().manual_seed(seed), **OPTIONS)
     return (images / 2 + 0.5).clamp(0, 1)
@@ -42,12 +32,6 @@ def ours(pipe, prompts=PROMPTS, seed=3):
 def theirs(reference, prompts=PROMPTS, seed=3):
     generator = torch.Generator().manual_seed(seed)
     return reference(prompts, generator=generator, **OPTIONS).images
-
-
-def diffusers_of(pipe):
-    reference = pipe.to_diffusers()
-    reference.set_progress_bar_config(disable=True)
-    return reference
 
 
 def vectors(pipe, count, seed=0):
