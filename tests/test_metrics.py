@@ -22,6 +22,7 @@ from sdscratch.shapes.data import (
     render,
     render_batch,
     satisfies,
+    satisfies_matrix,
     strip_geometry,
 )
 from sdscratch.shapes.evaluate import (
@@ -460,3 +461,18 @@ def test_check_with_a_perfect_reader_agrees_with_satisfies():
     assert right["scene"].tolist() == expected
     for text, attrs in pool:
         assert satisfies(attrs, parse_caption(text)), text
+
+
+def test_satisfies_matrix_is_satisfies_for_every_pair():
+    """The batched form (what CLIP's recipe uses to tell which captions in a batch
+    an image matches) agrees with `satisfies` on every scene and caption pair."""
+    natural = Shapes("val", captions="natural")
+    rng = random.Random(1)
+    scenes = [natural.scene(i)[1] for i in range(60)]
+    edits = [edited(attrs, rng) for attrs in scenes]
+    texts = [natural_caption(attrs, rng) for attrs in scenes + edits]
+    asked = [parse_caption(text) for text in texts]
+    matrix = satisfies_matrix(scenes, asked)
+    expected = [[satisfies(attrs, said) for said in asked] for attrs in scenes]
+    assert matrix.tolist() == expected
+    assert 60 <= matrix.sum() < matrix.numel() // 2, "both answers occur"

@@ -17,7 +17,15 @@ from sdscratch.clip import (
     contrastive_loss,
 )
 from sdscratch.recipes.common import mean_of_last, recipe, scenes_seed, seeded
-from sdscratch.shapes.data import Shapes, caption, vocabulary
+from sdscratch.shapes.data import (
+    Shapes,
+    asked_codes,
+    codes_satisfy,
+    describe,
+    parse_caption,
+    scene_codes,
+    vocabulary,
+)
 from sdscratch.shapes.zero_shot import scene_edits, zero_shot_accuracy
 from sdscratch.tokenizer import train_bpe
 from sdscratch.train import fit, rank_generator
@@ -83,18 +91,18 @@ def train_clip(out, seed, steps):
         clip = CLIP(TextEncoder(text_config), ImageEncoder(image_config), tokenizer)
 
     pool = min(CLIP_POOL, steps * CLIP_BATCH)
-    images, ids, negative_ids, groups = _pairs(train, pool, tokenizer, seed)
+    images, ids, negative_ids, shown, asked = _pairs(train, pool, tokenizer, seed)
     generator = rank_generator(seed)  # each process its own batches
 
     def batches():
         for _ in range(steps):
             i = torch.randint(0, pool, (CLIP_BATCH,), generator=generator)
             texts = torch.cat([ids[i], negative_ids[i]])  # (2B, L)
-            yield images[i], texts, groups[0, i], groups[:, i].flatten()
+            yield images[i], texts, shown[i], asked[:, i].flatten(0, 1)
 
     def loss_fn(model, batch):
-        x, texts, image_groups, text_groups = batch
-        same = image_groups[:, None] == text_groups[None, :]  # (B, 2B)
+        x, texts, image_codes, text_codes = batch
+        same = codes_satisfy(image_codes, text_codes)  # (B, 2B)
         return contrastive_loss(model(x, texts), same)
 
     losses = fit(clip, loss_fn, batches(), steps, lr=2e-3, warmup=100, desc="clip")
@@ -125,19 +133,21 @@ def _pairs(train, pool, tokenizer, seed):
 
     Returns:
         images (N, 3, 32, 32); ids and negative_ids (N, L), token ids of the
-        captions and of their hard negatives; groups (2, N), one number per
-        different scene, so that a caption and a negative that say the same thing
-        count as a match.
+        captions and of their hard negatives (captioned in the training grammar);
+        shown (N, 19), the scenes' codes, and asked (2, N, 19), the codes of what
+        captions and negatives ask, so that an image matches every caption in its
+        batch it satisfies ("a red circle" matches every red circle; a negative
+        that leaves out the changed attribute matches too).
     """
     images, captions, scenes = train.batch(range(pool))
     rng = random.Random(seed)
     negatives = [_hard_negative(scene, rng) for scene in scenes]
+    negative_captions = [describe(scene, rng, train.captions) for scene in negatives]
     ids = tokenizer(captions)  # (N, L)
-    negative_ids = tokenizer([caption(scene, rng) for scene in negatives])  # (N, L)
-    keys = [_scene_key(scene) for scene in scenes + negatives]
-    index = {key: i for i, key in enumerate(dict.fromkeys(keys))}  # key -> group
-    groups = torch.tensor([index[key] for key in keys]).reshape(2, pool)  # (2, N)
-    return images, ids, negative_ids, groups
+    negative_ids = tokenizer(negative_captions)  # (N, L)
+    said = [parse_caption(text) for text in captions + negative_captions]
+    asked = asked_codes(said).reshape(2, pool, -1)  # (2, N, 19)
+    return images, ids, negative_ids, scene_codes(scenes), asked
 
 
 def _zero_shot(clip, out, seed, steps) -> dict:

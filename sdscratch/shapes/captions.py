@@ -12,6 +12,8 @@ caption uses.
 import functools
 import re
 
+import torch
+
 from sdscratch.shapes.scenes import (
     COLOURS,
     RELATIONS,
@@ -106,6 +108,13 @@ def caption(attrs: dict, rng) -> str:
     recovers `strip_geometry(attrs)` from it.
     """
     return _describe(attrs, lambda options: _choice(rng, options))
+
+
+def describe(attrs: dict, rng, captions=None) -> str:
+    """A random caption of a scene in a grammar ("templates": `caption`, "natural":
+    `natural_caption`; default `CAPTIONS`)."""
+    natural = _grammar(captions) == "natural"
+    return natural_caption(attrs, rng) if natural else caption(attrs, rng)
 
 
 def canonical_caption(attrs: dict) -> str:
@@ -337,6 +346,65 @@ def satisfies(attrs: dict, asked: dict) -> bool:
         if there is None or any(obj[k] not in (None, there[k]) for k in keys):
             return False
     return True
+
+
+# Codes for `satisfies_matrix`: [objects, the one object's shape, colour, size, then
+# shape, colour, size of the object at each position]. -1 in asked: "any"; -2 in a
+# scene: nobody there.
+_VALUES = {"shape": SHAPES, "colour": tuple(COLOURS), "size": ("small", "large")}
+_SLOTS = ("left", "right", "top", "bottom", "center")
+
+
+def _object_code(obj, missing: int) -> list:
+    if obj is None:
+        return [missing] * 3
+    return [-1 if obj[k] is None else _VALUES[k].index(obj[k]) for k in _VALUES]
+
+
+def _scene_code(attrs: dict) -> list:
+    objects = attrs["objects"]
+    at = {obj["position"]: obj for obj in objects}
+    one = objects[0] if len(objects) == 1 else None
+    slots = [v for p in _SLOTS for v in _object_code(at.get(p), -2)]
+    return [len(objects), *_object_code(one, -3), *slots]
+
+
+def _asked_code(asked: dict) -> list:
+    objects = asked["objects"]
+    if objects[0]["position"] is None:  # one object, anywhere
+        return [1, *_object_code(objects[0], -1), *[-1] * (3 * len(_SLOTS))]
+    at = {obj["position"]: obj for obj in objects}
+    slots = [v for p in _SLOTS for v in _object_code(at.get(p), -1)]
+    return [len(objects), -1, -1, -1, *slots]
+
+
+def scene_codes(scenes: list) -> torch.Tensor:
+    """(N, 19) int codes of scenes, for `codes_satisfy`."""
+    return torch.tensor([_scene_code(attrs) for attrs in scenes])
+
+
+def asked_codes(asked: list) -> torch.Tensor:
+    """(M, 19) int codes of what captions ask (`parse_caption`), for `codes_satisfy`."""
+    return torch.tensor([_asked_code(said) for said in asked])
+
+
+def codes_satisfy(shown: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
+    """(N, M) bool: whether scene i (`scene_codes`) satisfies caption j
+    (`asked_codes`): every code the caption names is the scene's."""
+    same = (wanted[None] == -1) | (wanted[None] == shown[:, None])  # (N, M, 19)
+    return same.all(-1)
+
+
+def satisfies_matrix(scenes: list, asked: list) -> torch.Tensor:
+    """`satisfies` for every scene against every caption's attributes at once.
+
+    Args:
+        scenes: N scenes (attrs, every attribute named).
+        asked: M captions' attributes (`parse_caption`; None: left out).
+    Returns:
+        (N, M) bool tensor: entry (i, j) is `satisfies(scenes[i], asked[j])`.
+    """
+    return codes_satisfy(scene_codes(scenes), asked_codes(asked))
 
 
 def vocabulary(captions=None) -> list[str]:

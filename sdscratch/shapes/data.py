@@ -28,12 +28,17 @@ from sdscratch.shapes.captions import (  # re-exported: the dataset's front door
     SIZE_WORDS,
     TWO_OBJECT_TEMPLATES,
     _grammar,
+    asked_codes,
     canonical_caption,
     caption,
+    codes_satisfy,
+    describe,
     natural_caption,
     parse_caption,
     plain_caption,
     satisfies,
+    satisfies_matrix,
+    scene_codes,
     uses_template,
     vocabulary,
 )
@@ -71,9 +76,12 @@ __all__ = [
     "SPLITS",
     "Shapes",
     "TWO_OBJECT_TEMPLATES",
+    "asked_codes",
     "canonical_caption",
     "caption",
+    "codes_satisfy",
     "collate",
+    "describe",
     "natural_caption",
     "object_masks",
     "parse_caption",
@@ -82,6 +90,8 @@ __all__ = [
     "render_batch",
     "sample_attrs",
     "satisfies",
+    "satisfies_matrix",
+    "scene_codes",
     "strip_geometry",
     "uses_template",
     "vocabulary",
@@ -269,8 +279,7 @@ class Shapes(torch.utils.data.Dataset):
         # versions, and much faster than numpy's for one small scene.
         rng = random.Random(f"shapes/{self.seed}/{self.global_index(i)}")
         attrs = sample_attrs(rng)
-        describe = natural_caption if self.captions == "natural" else caption
-        return describe(attrs, rng), attrs
+        return describe(attrs, rng, self.captions), attrs
 
     def batch(self, indices) -> tuple[torch.Tensor, list, list]:
         """Scenes `indices` as one batch, rendered together (faster than one by one).
