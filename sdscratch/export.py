@@ -47,6 +47,7 @@ def vae_config_to_diffusers(config) -> dict:
         up_block_types=("UpDecoderBlock2D",) * levels,
         norm_num_groups=config.norm_num_groups,
         scaling_factor=config.scaling_factor,
+        sample_size=config.sample_size,
     )
 
 

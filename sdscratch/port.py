@@ -88,7 +88,15 @@ def vae_config_from_diffusers(config):
         layers_per_block=config["layers_per_block"],
         norm_num_groups=config["norm_num_groups"],
         scaling_factor=config["scaling_factor"],
+        sample_size=_side(config.get("sample_size", 32)),
     )
+
+
+def _side(sample_size) -> int:
+    """diffusers' sample_size: an int, or (height, width) of a square."""
+    if isinstance(sample_size, (list, tuple)):
+        return int(sample_size[0])
+    return int(sample_size)
 
 
 def vae_state_dict_from_diffusers(state: dict) -> dict:

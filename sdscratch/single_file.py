@@ -424,6 +424,7 @@ def infer_configs(path, shapes) -> dict:
         layers_per_block=len(_indices(shapes, v + "down.0.block.", ".conv1.weight")),
         norm_num_groups=32,
         scaling_factor=0.18215,
+        sample_size=unet.sample_size * 2 ** (len(vae_levels) - 1),
     )
     t = next((p for p in TEXT_PREFIXES if p + "final_layer_norm.weight" in shapes),
              TEXT_PREFIXES[0])  # fmt: skip

@@ -32,6 +32,7 @@ class VAEConfig:
     layers_per_block: int = 1  # ResNet blocks per resolution (decoder: one more)
     norm_num_groups: int = 16  # GroupNorm groups; SD v1: 32
     scaling_factor: float = 1.0  # latents × this have unit std; SD v1: 0.18215
+    sample_size: int = 32  # the image size it was trained on; SD v1: 512
 
     @classmethod
     def stable_diffusion_v1(cls) -> "VAEConfig":
@@ -41,6 +42,7 @@ class VAEConfig:
             layers_per_block=2,
             norm_num_groups=32,
             scaling_factor=0.18215,
+            sample_size=512,
         )
 
     @property

@@ -31,6 +31,7 @@ SD15_UNET = dict(
 SD15_VAE = dict(
     block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
     down_block_types=("DownEncoderBlock2D",) * 4, scaling_factor=0.18215,
+    sample_size=512,
     up_block_types=("UpDecoderBlock2D",) * 4,
 )  # fmt: skip
 SD15_TEXT = dict(

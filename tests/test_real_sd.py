@@ -339,9 +339,10 @@ def test_compvis_file_configs_are_inferred_from_shapes(folder, compvis_file):
     _, shapes, _ = _header(compvis_file)
     configs, _ = diffusers_settings(folder)
     inferred = infer_configs(compvis_file, shapes)
-    # the one size the shapes do not tell: SD v1's 64 latent pixels per side
+    # the one size the shapes do not tell: SD v1's 64 latent pixels per side (512
+    # image pixels, as diffusers' single-file loader assumes)
     assert inferred["unet"] == dataclasses.replace(configs["unet"], sample_size=64)
-    assert inferred["vae"] == configs["vae"]
+    assert inferred["vae"] == dataclasses.replace(configs["vae"], sample_size=512)
     expected = configs["text_encoder"]
     assert inferred["text_encoder"] == expected
 
