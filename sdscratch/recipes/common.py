@@ -119,9 +119,9 @@ def scenes_seed(name, seed, part="train") -> int:
     return seed if follows else COURSE_SCENES
 
 
-def first_scenes(split, n, seed=COURSE_SCENES) -> tuple[torch.Tensor, list, list]:
-    """The first n scenes of a split: images (n, 3, 32, 32), captions, attrs."""
-    return Shapes(split, seed=seed, length=n).batch(range(n))
+def first_scenes(split, n, seed=COURSE_SCENES, size=32) -> tuple:
+    """The first n scenes of a split: images (n, 3, size, size), captions, attrs."""
+    return Shapes(split, size=size, seed=seed, length=n).batch(range(n))
 
 
 def run_recipe(name, out=None, seed=0, steps=None, force=False, shards=None) -> dict:

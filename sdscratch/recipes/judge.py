@@ -21,17 +21,18 @@ from sdscratch.train import fit, rank_generator
 
 JUDGE_STEPS, JUDGE_BATCH, JUDGE_LR = 600, 128, 3e-3
 JUDGE_HELDOUT = 10_000  # test scenes the accuracy is measured on
+JUDGE_IMAGE_SIZE = 32  # the size it reads: the latent model's images
 
 
 @recipe("judge", default_out="shapes-judge")
 def train_judge(out, seed, steps):
     """The attribute judge: `fit` on degraded training scenes, then its accuracy on
     the first JUDGE_HELDOUT test scenes, as they are and degraded."""
-    config = JudgeConfig()
+    config = JudgeConfig(image_size=JUDGE_IMAGE_SIZE)
     with seeded(seed):  # the initial weights
         judge = Judge(config)
     loader = torch.utils.data.DataLoader(
-        Shapes("train", seed=scenes_seed("judge", seed)),
+        Shapes("train", size=JUDGE_IMAGE_SIZE, seed=scenes_seed("judge", seed)),
         batch_size=JUDGE_BATCH,
         shuffle=True,
         collate_fn=collate,
@@ -47,7 +48,9 @@ def train_judge(out, seed, steps):
     losses = fit(judge, loss_fn, loader, steps, lr=JUDGE_LR, warmup=50, desc="judge")
     save_component(judge, out / "judge", config)
     test_seed = scenes_seed("judge", seed, "eval")
-    images, _, scenes = real_images(JUDGE_HELDOUT, "test", seed=test_seed)
+    images, _, scenes = real_images(
+        JUDGE_HELDOUT, "test", seed=test_seed, size=JUDGE_IMAGE_SIZE
+    )
     degraded = degrade(images, torch.Generator().manual_seed(seed + 2))
     accuracy = _rounded(attribute_accuracy(images, scenes, judge))
     accuracy_degraded = _rounded(attribute_accuracy(degraded, scenes, judge))

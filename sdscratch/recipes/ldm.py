@@ -58,11 +58,13 @@ def encode_scenes(vae, tokenizer, count, batch_size=500, seed=0):
     """The first `count` training scenes as VAE posteriors and token ids.
 
     Args:
-        seed: Shapes' seed of the scenes (the course's dataset: 0).
+        seed: Shapes' seed of the scenes (the course's dataset: 0), drawn at the
+            size the VAE was trained on.
     Returns:
         means, stds (count, C, h, w) of the posterior q(z|x) (unscaled), ids (count, L).
     """
-    train, means, stds, ids = Shapes("train", seed=seed), [], [], []
+    train = Shapes("train", size=vae.config.sample_size, seed=seed)
+    means, stds, ids = [], [], []
     for start in range(0, count, batch_size):
         images, captions, _ = train.batch(range(start, min(start + batch_size, count)))
         with torch.no_grad():

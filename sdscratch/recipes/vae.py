@@ -1,5 +1,5 @@
-"""vae: the autoencoder of the latent diffusion model (vae/), 32×32×3 Shapes <-> 8×8×4
-latents.
+"""vae: the autoencoder of the latent diffusion model (vae/), VAE_IMAGE_SIZE² Shapes
+images <-> 4-channel latents, 2^(levels − 1) times smaller per side.
 
 Its config carries the scaling factor measured on its training latents; its manifest,
 the reconstruction PSNR on held-out scenes.
@@ -20,6 +20,8 @@ from sdscratch.shards import ShardStream
 from sdscratch.train import fit, processes, rank_generator
 from sdscratch.vae import VAE, VAEConfig, measure_scaling_factor, psnr, vae_loss
 
+VAE_IMAGE_SIZE = 32  # the images it encodes: VAE_IMAGE_SIZE / 4 latents per side
+VAE_WIDTHS = (32, 32, 64)  # block_out_channels: each level after the first halves
 VAE_STEPS = 500  # AdamW steps of VAE_BATCH images (300 already give ~30.7 dB)
 VAE_BATCH = 32
 VAE_LR = 4e-3  # peak learning rate, after VAE_WARMUP steps
@@ -41,13 +43,13 @@ def train_vae(out, seed, steps, shards=None):
     # process 0 draws its latent samples from it too, as a single process does
     noise = generator if processes().is_main_process else rank_generator(seed)
     with seeded(seed):  # the initial weights
-        vae = VAE(VAEConfig())
-    train = Shapes("train", seed=scenes_seed("vae", seed))
+        vae = VAE(VAEConfig(block_out_channels=VAE_WIDTHS, sample_size=VAE_IMAGE_SIZE))
+    train = Shapes("train", size=VAE_IMAGE_SIZE, seed=scenes_seed("vae", seed))
     loader = torch.utils.data.DataLoader(
         train, VAE_BATCH, shuffle=True, generator=generator, collate_fn=collate
     )
     if shards is not None:  # batches of (images, captions), endless, per process
-        loader = ShardStream(shards, VAE_BATCH, size=32, seed=seed)
+        loader = ShardStream(shards, VAE_BATCH, size=VAE_IMAGE_SIZE, seed=seed)
     losses = fit(
         vae,
         lambda model, batch: vae_loss(model, batch[0], VAE_KL_WEIGHT, noise),
@@ -58,7 +60,7 @@ def train_vae(out, seed, steps, shards=None):
         desc="vae",
     )
     if shards is None:
-        images = first_scenes("train", VAE_SCALE_SCENES, train.seed)[0]
+        images = first_scenes("train", VAE_SCALE_SCENES, train.seed, train.size)[0]
     else:  # the latents of the images it trained on set the scaling factor
         count = VAE_SCALE_SCENES // VAE_BATCH
         images = torch.cat([batch[0] for _, batch in zip(range(count), loader)])
@@ -66,7 +68,7 @@ def train_vae(out, seed, steps, shards=None):
     save_component(vae, out / "vae", vae.config, dtype=torch.float16)
     stored = load_component(out / "vae", VAE, VAEConfig)
     val_seed = scenes_seed("vae", seed, "eval")
-    held_out = first_scenes("val", VAE_VAL_SCENES, val_seed)[0]
+    held_out = first_scenes("val", VAE_VAL_SCENES, val_seed, train.size)[0]
     with torch.no_grad():  # the PSNR of what was stored, and before float16
         psnrs = [
             psnr(held_out, m.decode(m.encode(held_out).mode())) for m in (stored, vae)

@@ -34,16 +34,20 @@ from sdscratch.shapes.judge import attribute_accuracy, bundled_judge, image_feat
 # Real images and prompts
 
 
-def real_images(n, split="val", seed=0, offset=0) -> tuple[torch.Tensor, list, list]:
-    """Scenes offset … offset + n − 1 of a Shapes split: (images, captions, attrs)."""
-    return Shapes(split, seed=seed).batch(range(offset, offset + n))
+def real_images(n, split="val", seed=0, offset=0, size=32) -> tuple:
+    """Scenes offset … offset + n − 1 of a Shapes split: (images, captions, attrs),
+    images (n, 3, size, size)."""
+    return Shapes(split, size=size, seed=seed).batch(range(offset, offset + n))
 
 
 def real_features(n, split="val", seed=0, offset=0, judge=None) -> torch.Tensor:
-    """The judge's features (n, hidden) of n real scenes of a split, drawn in chunks."""
-    chunks = []
+    """The judge's features (n, hidden) of n real scenes of a split, drawn in chunks
+    at the size the judge reads."""
+    judge = judge or bundled_judge()
+    size, chunks = judge.config.image_size, []
     for start in range(offset, offset + n, 1000):
-        images, _, _ = real_images(min(1000, offset + n - start), split, seed, start)
+        count = min(1000, offset + n - start)
+        images, _, _ = real_images(count, split, seed, start, size)
         chunks.append(image_features(images, judge))
     return torch.cat(chunks)
 
