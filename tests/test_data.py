@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from sdscratch.shapes.data import (
+    ALL_SHAPES,
     BACKGROUND,
     CAPTIONS,
     COLOURS,
@@ -196,6 +197,9 @@ def test_edges_are_anti_aliased():
         ("diamond", 2 * 0.8 * 1.0),
         ("star", 5 * 1.0 * 0.5 * math.sin(math.radians(36))),
         ("cross", 2 * 1.9 * 0.64 - 0.64**2),
+        # two halves of (a right triangle of legs 1/√2 + a half disc of radius
+        # √2/4), in Quilez's frame, scaled by 1/0.55
+        ("heart", 2 * (0.25 + math.pi / 16) / 0.55**2),
     ],
 )
 def test_coverage_adds_up_to_the_shape_area(shape, area):
@@ -215,6 +219,8 @@ def test_coverage_adds_up_to_the_shape_area(shape, area):
         ("diamond", (0.0, 0.85), (0.5, 0.5)),
         ("star", (0.0, -0.8), (0.0, 0.6)),
         ("cross", (0.0, 0.9), (0.6, 0.6)),
+        ("heart", (0.55, -0.6), (0.0, -0.9)),  # in a lobe; the notch between them
+        ("heart", (0.0, 0.9), (0.6, 0.5)),  # near the tip; beside it
     ],
 )
 def test_shapes_have_their_outline(shape, inside, outside):
@@ -227,8 +233,8 @@ def test_shapes_have_their_outline(shape, inside, outside):
 
 
 def test_the_shapes_differ_even_when_small():
-    masks = {s: object_masks(one(s, size="small"))[0] for s in SHAPES}
-    for a, b in itertools.combinations(SHAPES, 2):
+    masks = {s: object_masks(one(s, size="small"))[0] for s in ALL_SHAPES}
+    for a, b in itertools.combinations(ALL_SHAPES, 2):
         assert (masks[a] - masks[b]).abs().sum() > 6, (a, b)
 
 
@@ -347,7 +353,7 @@ def test_vocabulary_is_exactly_the_words_captions_use(scenes):
 
 @pytest.mark.parametrize(
     "text",
-    ["a pink heart", "a small red circle on the moon", "a big dog", "a red",
+    ["a teal hexagon", "a small red circle on the moon", "a big dog", "a red",
      "circle red", "a red circle above", "a large circle", "a red circle, a blue star"],
 )  # fmt: skip
 def test_parse_caption_refuses_other_text(text):
@@ -580,3 +586,21 @@ def test_one_switch_selects_the_grammar(monkeypatch):
     assert vocabulary() == vocabulary("natural")
     with pytest.raises(ValueError, match="Unknown captions 'casual'"):
         Shapes("val", captions="casual")
+
+
+def test_novel_scenes_hold_hearts_and_pink_and_base_scenes_never():
+    """About one object in seven is a heart, one in seven pink, in novel scenes; the
+    base world's scenes have neither (and are what they were: the same draws)."""
+    counts = {}
+    for novel in (False, True):
+        data = Shapes("train", novel=novel)
+        objects = [o for i in range(1000) for o in data.scene(i)[1]["objects"]]
+        hearts = sum(o["shape"] == "heart" for o in objects) / len(objects)
+        pinks = sum(o["colour"] == "pink" for o in objects) / len(objects)
+        counts[novel] = (hearts, pinks)
+    assert counts[False] == (0.0, 0.0)
+    assert all(abs(share - 1 / 7) < 0.03 for share in counts[True])
+    base, novel = Shapes("train").scene(5)[1], Shapes("train", novel=True).scene(5)[1]
+    assert [o["position"] for o in base["objects"]] == [
+        o["position"] for o in novel["objects"]
+    ]  # the same random draws, read against longer lists

@@ -341,8 +341,8 @@ def test_a_prompt_the_grammar_cannot_read_still_generates():
     """Unknown words are no Shapes caption (so never evaluation ground truth), but
     the bundled model still draws something for them."""
     with pytest.raises(ValueError, match="is not a Shapes caption"):
-        parse_caption("a pink heart")
+        parse_caption("a teal hexagon")
     pipe = StableDiffusion.from_pretrained("shapes-ldm")
-    images = pipe(["a pink heart"], num_inference_steps=2, output_type="pt",
+    images = pipe(["a teal hexagon"], num_inference_steps=2, output_type="pt",
                   generator=torch.Generator().manual_seed(0))  # fmt: skip
     assert images.shape[0] == 1 and torch.isfinite(images).all()

@@ -108,9 +108,9 @@ def test_a_labels_file_round_trips(tmp_path):
 def test_bad_labels_are_refused(tmp_path):
     _, labels = ground_truth_labels(n=2)
     broken = copy.deepcopy(labels)
-    broken["images"][0]["objects"][0]["shape"] = "heart"
+    broken["images"][0]["objects"][0]["shape"] = "hexagon"
     save_labels(tmp_path / "a.json", broken)
-    with pytest.raises(LabelsError, match="heart"):
+    with pytest.raises(LabelsError, match="hexagon"):
         load_labels(tmp_path / "a.json")
     (tmp_path / "b.json").write_text("{not json")
     with pytest.raises(LabelsError):

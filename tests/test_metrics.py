@@ -476,3 +476,18 @@ def test_satisfies_matrix_is_satisfies_for_every_pair():
     expected = [[satisfies(attrs, said) for said in asked] for attrs in scenes]
     assert matrix.tolist() == expected
     assert 60 <= matrix.sum() < matrix.numel() // 2, "both answers occur"
+
+
+def test_a_novel_judge_reads_the_novel_shape_and_colour():
+    """JudgeConfig(novel=True) reads seven shapes and colours; the base judge (the
+    bundled one's config) refuses a pink heart with one sentence."""
+    judge = Judge(JudgeConfig(novel=True))
+    logits = judge(torch.zeros(2, 3, 32, 32))
+    assert logits["shape"].shape == logits["colour"].shape == (2, 5, 7)
+    targets = slot_targets(["a pink heart on the left"], judge.attributes)
+    left = SLOTS.index("left")
+    assert judge.attributes["shape"][targets["shape"][0, left]] == "heart"
+    assert judge.attributes["colour"][targets["colour"][0, left]] == "pink"
+    assert Judge(JudgeConfig())(torch.zeros(1, 3, 32, 32))["shape"].shape[-1] == 6
+    with pytest.raises(ValueError, match="does not read the shape 'heart'"):
+        slot_targets(["a pink heart on the left"])

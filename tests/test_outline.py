@@ -6,7 +6,12 @@ import pytest
 import torch
 from scipy import ndimage
 
-from sdscratch.shapes.data import SHAPES, Shapes, object_masks, render_batch
+from sdscratch.shapes.data import (
+    ALL_SHAPES,
+    Shapes,
+    object_masks,
+    render_batch,
+)
 from sdscratch.shapes.judge import gaussian_blur
 from sdscratch.shapes.outline import (
     UNREADABLE,
@@ -50,7 +55,7 @@ def test_coverage_is_the_renderers():
 def test_ideal_coverage_is_the_renderers():
     """`ideal_coverage` on pixel centres draws what `object_masks` draws."""
     centres = (np.arange(64, dtype=np.float32) + 0.5) / 64
-    for shape in SHAPES:
+    for shape in ALL_SHAPES:
         attrs = scene(shape, x=0.41, y=0.57, radius=0.16)
         cx, cy, radius = (np.float32([[[v]]]) for v in (0.41, 0.57, 0.16))
         xs, ys = centres[None, None, :], centres[None, :, None]
@@ -58,10 +63,13 @@ def test_ideal_coverage_is_the_renderers():
         np.testing.assert_allclose(ours[0], object_masks(attrs, 64)[0], atol=1e-5)
 
 
-@pytest.mark.parametrize("size", [32, 64])
-def test_reads_real_scenes(size):
-    """Every object of 60 real test scenes (small stars included) is read right."""
-    images, _, scenes = Shapes("test", size=size).batch(range(60))
+@pytest.mark.parametrize("size, novel", [(32, False), (64, False), (64, True)])
+def test_reads_real_scenes(size, novel):
+    """Every object of 60 real test scenes (small stars included; with `novel`,
+    pink and hearts too) is read right."""
+    images, _, scenes = Shapes("test", size=size, novel=novel).batch(range(60))
+    shown = {(o["shape"], o["colour"]) for attrs in scenes for o in attrs["objects"]}
+    assert novel == any("heart" in pair or "pink" in pair for pair in shown)
     result = outline_accuracy(images, scenes)
     assert result["objects"] == 1.0
     assert result["scene"] == 1.0
@@ -70,11 +78,11 @@ def test_reads_real_scenes(size):
 
 @pytest.mark.parametrize("size", ["small", "large"])
 def test_each_shape_reads_as_itself(size):
-    """Each of the six shapes, alone and crisp, at 32 px: no reader that calls
-    everything one shape passes this."""
-    scenes = [scene(shape, size=size) for shape in SHAPES]
+    """Each shape (the novel heart too), alone and crisp, at 32 px: no reader that
+    calls everything one shape passes this."""
+    scenes = [scene(shape, size=size) for shape in ALL_SHAPES]
     reads = read_objects(render_batch(scenes, 32))
-    assert [objects[0]["shape"] for objects in reads] == list(SHAPES)
+    assert [objects[0]["shape"] for objects in reads] == list(ALL_SHAPES)
     assert all(objects[0]["size"] == size for objects in reads)
 
 

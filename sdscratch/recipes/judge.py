@@ -9,7 +9,6 @@ import torch
 from sdscratch.checkpoint import save_component
 from sdscratch.recipes.common import mean_of_last, recipe, scenes_seed, seeded
 from sdscratch.shapes.data import Shapes, collate
-from sdscratch.shapes.evaluate import real_images
 from sdscratch.shapes.judge import (
     Judge,
     JudgeConfig,
@@ -22,17 +21,20 @@ from sdscratch.train import fit, rank_generator
 JUDGE_STEPS, JUDGE_BATCH, JUDGE_LR = 600, 128, 3e-3
 JUDGE_HELDOUT = 10_000  # test scenes the accuracy is measured on
 JUDGE_IMAGE_SIZE = 32  # the size it reads: the latent model's images
+JUDGE_NOVEL = False  # whether it also learns the novel heart and pink (fine-tuning's)
 
 
 @recipe("judge", default_out="shapes-judge")
 def train_judge(out, seed, steps):
     """The attribute judge: `fit` on degraded training scenes, then its accuracy on
     the first JUDGE_HELDOUT test scenes, as they are and degraded."""
-    config = JudgeConfig(image_size=JUDGE_IMAGE_SIZE)
+    config = JudgeConfig(image_size=JUDGE_IMAGE_SIZE, novel=JUDGE_NOVEL)
     with seeded(seed):  # the initial weights
         judge = Judge(config)
+    scenes = scenes_seed("judge", seed)
+    train = Shapes("train", JUDGE_IMAGE_SIZE, scenes, novel=JUDGE_NOVEL)
     loader = torch.utils.data.DataLoader(
-        Shapes("train", size=JUDGE_IMAGE_SIZE, seed=scenes_seed("judge", seed)),
+        train,
         batch_size=JUDGE_BATCH,
         shuffle=True,
         collate_fn=collate,
@@ -48,9 +50,8 @@ def train_judge(out, seed, steps):
     losses = fit(judge, loss_fn, loader, steps, lr=JUDGE_LR, warmup=50, desc="judge")
     save_component(judge, out / "judge", config)
     test_seed = scenes_seed("judge", seed, "eval")
-    images, _, scenes = real_images(
-        JUDGE_HELDOUT, "test", seed=test_seed, size=JUDGE_IMAGE_SIZE
-    )
+    test = Shapes("test", JUDGE_IMAGE_SIZE, test_seed, JUDGE_HELDOUT, novel=JUDGE_NOVEL)
+    images, _, scenes = test.batch(range(JUDGE_HELDOUT))
     degraded = degrade(images, torch.Generator().manual_seed(seed + 2))
     accuracy = _rounded(attribute_accuracy(images, scenes, judge))
     accuracy_degraded = _rounded(attribute_accuracy(degraded, scenes, judge))

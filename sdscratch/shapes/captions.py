@@ -15,6 +15,8 @@ import re
 import torch
 
 from sdscratch.shapes.scenes import (
+    ALL_COLOURS,
+    ALL_SHAPES,
     COLOURS,
     RELATIONS,
     SHAPES,
@@ -219,8 +221,8 @@ def _object_regex(prefix: str) -> str:
     form's groups are named `{prefix}{k}_size` and so on."""
     words = {
         "size": NATURAL_WORDS["size"],
-        "colour": {c: (c,) for c in COLOURS},
-        "shape": {s: (s,) for s in SHAPES},
+        "colour": {c: (c,) for c in ALL_COLOURS},
+        "shape": {s: (s,) for s in ALL_SHAPES},
     }
     forms = []
     for k, form in enumerate(dict.fromkeys(OBJECT_PHRASES)):
@@ -294,7 +296,7 @@ def parse_caption(text: str) -> dict:
     "size": None, "position": None}`).
 
     Raises:
-        ValueError: if `text` follows none of the phrasings (e.g. "a pink heart").
+        ValueError: if `text` follows none of the phrasings (e.g. "a teal hexagon").
     """
     normal = _normalise(text)
     for template in PHRASINGS:
@@ -351,7 +353,11 @@ def satisfies(attrs: dict, asked: dict) -> bool:
 # Codes for `satisfies_matrix`: [objects, the one object's shape, colour, size, then
 # shape, colour, size of the object at each position]. -1 in asked: "any"; -2 in a
 # scene: nobody there.
-_VALUES = {"shape": SHAPES, "colour": tuple(COLOURS), "size": ("small", "large")}
+_VALUES = {
+    "shape": ALL_SHAPES,
+    "colour": tuple(ALL_COLOURS),
+    "size": ("small", "large"),
+}
 _SLOTS = ("left", "right", "top", "bottom", "center")
 
 

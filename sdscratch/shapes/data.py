@@ -43,8 +43,12 @@ from sdscratch.shapes.captions import (  # re-exported: the dataset's front door
     vocabulary,
 )
 from sdscratch.shapes.scenes import (
+    ALL_COLOURS,
+    ALL_SHAPES,
     BACKGROUND,
     COLOURS,
+    NOVEL_COLOURS,
+    NOVEL_SHAPES,
     POSITIONS,
     RELATIONS,
     SHAPES,
@@ -55,6 +59,10 @@ from sdscratch.shapes.scenes import (
 )
 
 __all__ = [
+    "ALL_COLOURS",
+    "ALL_SHAPES",
+    "NOVEL_COLOURS",
+    "NOVEL_SHAPES",
     "BACKGROUND",
     "CAPTIONS",
     "CAPTION_GRAMMARS",
@@ -164,6 +172,17 @@ def _cross(x, y, arm=0.95, half_thickness=0.32):
     return np.minimum(_box(x, y, arm, half_thickness), _box(x, y, half_thickness, arm))
 
 
+def _heart(x, y, k=0.55):
+    """A heart, lobes up, tip down (Quilez's heart, scaled by 1/k to span y in
+    [-1, 1])."""
+    x, y = np.abs(x) * k, 0.55 - y * k  # Quilez's frame: tip at 0, y upwards
+    lobe = _length(x - 0.25, y - 0.75) - np.sqrt(np.float32(2.0)) / 4
+    t = np.maximum(x + y, 0.0) * 0.5
+    point = np.minimum((x * x + (y - 1.0) ** 2), (x - t) ** 2 + (y - t) ** 2)
+    lower = np.sqrt(point) * np.sign(x - y)
+    return np.where(x + y > 1.0, lobe, lower) / k
+
+
 SDFS = {
     "circle": _circle,
     "square": _square,
@@ -171,8 +190,11 @@ SDFS = {
     "diamond": _diamond,
     "star": _star,
     "cross": _cross,
+    "heart": _heart,
 }
-_RGB = {name: np.array(rgb, np.float32) / 127.5 - 1 for name, rgb in COLOURS.items()}
+_RGB = {
+    name: np.array(rgb, np.float32) / 127.5 - 1 for name, rgb in ALL_COLOURS.items()
+}
 
 
 def _geometry(obj) -> tuple:
@@ -252,10 +274,14 @@ class Shapes(torch.utils.data.Dataset):
         captions: "templates" (every caption names every attribute) or "natural"
             (captions as people write them, `natural_caption`); default `CAPTIONS`.
             The scenes and images are the same either way.
+        novel: scenes with the novel shape and colour too (`NOVEL_SHAPES`,
+            `NOVEL_COLOURS`; they then differ from the base world's).
     """
 
-    def __init__(self, split="train", size=32, seed=0, length=None, captions=None):
-        self.captions = _grammar(captions)
+    def __init__(
+        self, split="train", size=32, seed=0, length=None, captions=None, novel=False
+    ):
+        self.captions, self.novel = _grammar(captions), novel
         if split not in SPLITS:
             raise ValueError(f"Unknown split {split!r}; choose one of {list(SPLITS)}.")
         self.split, self.size, self.seed = split, size, seed
@@ -278,7 +304,7 @@ class Shapes(torch.utils.data.Dataset):
         # Python's generator: seeding from a string is stable across processes and
         # versions, and much faster than numpy's for one small scene.
         rng = random.Random(f"shapes/{self.seed}/{self.global_index(i)}")
-        attrs = sample_attrs(rng)
+        attrs = sample_attrs(rng, novel=self.novel)
         return describe(attrs, rng, self.captions), attrs
 
     def batch(self, indices) -> tuple[torch.Tensor, list, list]:
@@ -302,7 +328,7 @@ class Shapes(torch.utils.data.Dataset):
     def __repr__(self):
         return (
             f"Shapes(split={self.split!r}, size={self.size}, seed={self.seed}, "
-            f"length={self.length}, captions={self.captions!r})"
+            f"length={self.length}, captions={self.captions!r}, novel={self.novel})"
         )
 
 

@@ -27,6 +27,8 @@ from torch import nn
 from sdscratch.checkpoint import load_component, resolve, verify
 from sdscratch.metrics import as_tensor
 from sdscratch.shapes.data import (
+    ALL_COLOURS,
+    ALL_SHAPES,
     COLOURS,
     POSITIONS,
     RELATIONS,
@@ -36,13 +38,20 @@ from sdscratch.shapes.data import (
 )
 
 SLOTS = tuple(POSITIONS)  # ("left", "right", "top", "bottom", "center")
-# What the judge reads at each slot, and the values each attribute can take.
-ATTRIBUTES = {
-    "present": (False, True),
-    "shape": SHAPES,
-    "colour": tuple(COLOURS),
-    "size": tuple(SIZES),
-}
+
+
+def attributes(novel=False) -> dict[str, tuple]:
+    """What a judge reads at each slot, and the values each attribute can take
+    (with `novel`, the novel shape and colour too)."""
+    return {
+        "present": (False, True),
+        "shape": ALL_SHAPES if novel else SHAPES,
+        "colour": tuple(ALL_COLOURS if novel else COLOURS),
+        "size": tuple(SIZES),
+    }
+
+
+ATTRIBUTES = attributes()  # the base world's
 VALUES = ("shape", "colour", "size")  # what a caption says of each object
 IGNORE = -100  # target of an attribute at an empty slot: no loss (cross_entropy's)
 
@@ -55,6 +64,7 @@ class JudgeConfig:
     image_size: int = 32  # images are resized to (3, image_size, image_size)
     channels: tuple[int, ...] = (16, 32, 64)  # one stage each; each halves H and W
     hidden: int = 128  # width of the penultimate layer: the features FID compares
+    novel: bool = False  # reads the novel shape and colour too (`attributes`)
 
 
 class Judge(nn.Module):
@@ -81,7 +91,8 @@ class Judge(nn.Module):
         self.hidden = nn.Sequential(
             nn.Linear(c_in * side * side, config.hidden), nn.SiLU()
         )
-        outputs = len(SLOTS) * sum(len(values) for values in ATTRIBUTES.values())
+        self.attributes = attributes(config.novel)
+        outputs = len(SLOTS) * sum(len(values) for values in self.attributes.values())
         self.head = nn.Linear(config.hidden, outputs)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -97,8 +108,8 @@ class Judge(nn.Module):
         logits = rearrange(
             self.head(self.embed(images)), "b (s v) -> b s v", s=len(SLOTS)
         )
-        sizes = [len(values) for values in ATTRIBUTES.values()]
-        return dict(zip(ATTRIBUTES, logits.split(sizes, dim=-1)))
+        sizes = [len(values) for values in self.attributes.values()]
+        return dict(zip(self.attributes, logits.split(sizes, dim=-1)))
 
     @torch.no_grad()
     def read(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -116,7 +127,7 @@ class Judge(nn.Module):
         scenes = []
         for b, present in enumerate(read["present"].bool()):
             objects = [
-                {name: ATTRIBUTES[name][read[name][b, s]] for name in VALUES}
+                {name: self.attributes[name][read[name][b, s]] for name in VALUES}
                 | {"position": SLOTS[s]}
                 for s in present.nonzero()[:, 0].tolist()
             ]
@@ -146,15 +157,16 @@ def _device(model: nn.Module) -> torch.device:
 # Attributes <-> what the judge reads
 
 
-def slot_targets(scenes: list) -> dict[str, torch.Tensor]:
+def slot_targets(scenes: list, values=ATTRIBUTES) -> dict[str, torch.Tensor]:
     """attrs (or captions) -> {attribute: (B, slots) long}: the judge's targets.
 
     `present` is 1 at the positions an object occupies; the other attributes are
-    the value's index there, and IGNORE at empty slots and where a caption leaves
-    the attribute out (None: any value).
+    the value's index in `values` (a judge's `attributes`) there, and IGNORE at
+    empty slots and where a caption leaves the attribute out (None: any value).
 
     Raises:
-        ValueError: if an object has no position (`check` places such objects).
+        ValueError: if an object has no position (`check` places such objects), or
+            a value the judge does not read (a pink heart, for the base judge).
     """
     targets = {
         name: torch.full((len(scenes), len(SLOTS)), IGNORE) for name in ATTRIBUTES
@@ -168,8 +180,12 @@ def slot_targets(scenes: list) -> dict[str, torch.Tensor]:
             s = SLOTS.index(obj["position"])
             targets["present"][b, s] = 1
             for name in VALUES:
-                if obj[name] is not None:
-                    targets[name][b, s] = ATTRIBUTES[name].index(obj[name])
+                if obj[name] is None:
+                    continue
+                if obj[name] not in values[name]:
+                    read = f"the {name} {obj[name]!r}"
+                    raise ValueError(f"This judge does not read {read}.")
+                targets[name][b, s] = values[name].index(obj[name])
     return targets
 
 
@@ -244,7 +260,7 @@ def judge_loss(judge: Judge, images: torch.Tensor, scenes: list) -> torch.Tensor
     """The judge's training loss: cross-entropy of every attribute at every slot
     (shape, colour and size only where an object is), summed over attributes."""
     logits = judge(images)
-    targets = slot_targets(scenes)
+    targets = slot_targets(scenes, judge.attributes)
     losses = [
         F.cross_entropy(
             logits[name].flatten(0, 1), targets[name].flatten(), ignore_index=IGNORE
@@ -293,7 +309,9 @@ def check(images, scenes, judge=None) -> dict[str, torch.Tensor]:
     scenes = [parse_caption(s) if isinstance(s, str) else s for s in scenes]
     # an object asked anywhere is placed where the judge reads one (so its position
     # is right if that is the only object the judge reads)
-    targets = slot_targets([_place(attrs, read, b) for b, attrs in enumerate(scenes)])
+    values = judge.attributes
+    placed = [_place(attrs, read, b, values) for b, attrs in enumerate(scenes)]
+    targets = slot_targets(placed, values)
     asked = targets["present"].bool()  # (B, slots)
     right = {"position": (read["present"] == targets["present"]).all(1)}
     for name in VALUES:
@@ -312,7 +330,7 @@ def _anywhere(attrs: dict) -> bool:
     return any(unplaced)
 
 
-def _place(attrs: dict, read: dict, b: int) -> dict:
+def _place(attrs: dict, read: dict, b: int, values=ATTRIBUTES) -> dict:
     """attrs with an object that has no position put at the slot where the judge
     reads an object that shows most of what was asked (the first such slot;
     "center" if the judge reads none, where it then finds nothing right)."""
@@ -321,7 +339,7 @@ def _place(attrs: dict, read: dict, b: int) -> dict:
     obj = attrs["objects"][0]
 
     def agrees(s):  # how many of the asked attributes the object at slot s shows
-        shown = {name: ATTRIBUTES[name][read[name][b, s]] for name in VALUES}
+        shown = {name: values[name][read[name][b, s]] for name in VALUES}
         return sum(obj[name] in (None, shown[name]) for name in VALUES)
 
     present = read["present"][b].nonzero()[:, 0].tolist()

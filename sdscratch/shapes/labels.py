@@ -34,14 +34,14 @@ import torch
 from PIL import Image, ImageDraw
 
 from sdscratch.metrics import as_tensor
-from sdscratch.shapes.data import COLOURS, POSITIONS, SHAPES, SIZES
+from sdscratch.shapes.data import ALL_COLOURS, ALL_SHAPES, POSITIONS, SIZES
 from sdscratch.viz import from_pil, to_pil
 
 UNREADABLE = "unreadable"
 KEYS = ("shape", "colour", "size", "position")
 VALUES = {
-    "shape": SHAPES,
-    "colour": tuple(COLOURS),
+    "shape": ALL_SHAPES,
+    "colour": tuple(ALL_COLOURS),
     "size": tuple(SIZES),
     "position": tuple(POSITIONS),
 }

@@ -26,11 +26,11 @@ from einops import rearrange
 
 from sdscratch.metrics import as_tensor
 from sdscratch.shapes.data import (
+    ALL_COLOURS,
+    ALL_SHAPES,
     BACKGROUND,
-    COLOURS,
     POSITIONS,
     SDFS,
-    SHAPES,
     SIZES,
     parse_caption,
 )
@@ -48,7 +48,9 @@ SPLIT_SIZE = (SIZES["small"] * SIZES["large"]) ** 0.5  # small below, large abov
 # The refinement of centre and radius: steps in pixels (centre) and in relative
 # radius, coarse to fine; at each step size the best of 3×3×3 moves is taken.
 STEPS = ((1.0, 0.08), (0.5, 0.04), (0.25, 0.02), (0.125, 0.01))
-_PALETTE = torch.tensor(list(COLOURS.values()), dtype=torch.float32) / 127.5 - 1
+# Every colour and shape the renderer draws, the novel ones too: a reader should say
+# what it sees, even what a model was not taught.
+_PALETTE = torch.tensor(list(ALL_COLOURS.values()), dtype=torch.float32) / 127.5 - 1
 
 
 # ----------------------------------------------------------------------------------
@@ -64,7 +66,7 @@ def coverage_by_colour(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     Args:
         images: (B, 3, H, W) in [-1, 1].
     Returns:
-        colour index (B, H, W) long into `COLOURS`, coverage c (B, H, W) in [0, 1].
+        colour index (B, H, W) long into `ALL_COLOURS`, coverage c (B, H, W) in [0, 1].
     """
     offset = rearrange(images.float() - BACKGROUND, "b c h w -> b h w 1 c")
     paint = _PALETTE - BACKGROUND  # (K, 3)
@@ -117,7 +119,7 @@ def ideal_coverage(shape, cx, cy, radius, xs, ys, size) -> np.ndarray:
     signed distance in pixels (as `sdscratch.shapes.data.object_masks` draws it).
 
     Args:
-        shape: a name in `SHAPES`.
+        shape: a name in `ALL_SHAPES`.
         cx, cy, radius: (N, 1, 1) centres and radii, in units of the image width.
         xs, ys: (N, 1, S) and (N, S, 1) pixel centres, in units of the image width.
         size: the image width in pixels.
@@ -157,7 +159,7 @@ def fit_shapes(a: np.ndarray, xs: np.ndarray, ys: np.ndarray, size: int) -> dict
         xs, ys: (S,) the crop's pixel centres, in units of the image width.
         size: the image width in pixels.
     Returns:
-        {shape: (iou, x, y, radius)} for every shape in `SHAPES`.
+        {shape: (iou, x, y, radius)} for every shape in `ALL_SHAPES`.
     """
     area = max(float(a.sum()), 1.0)  # pixels
     mx = float((a.sum(0) * xs).sum()) / area
@@ -165,7 +167,7 @@ def fit_shapes(a: np.ndarray, xs: np.ndarray, ys: np.ndarray, size: int) -> dict
     moves = np.array([(i, j, k) for i in (-1, 0, 1) for j in (-1, 0, 1)
                       for k in (-1, 0, 1)], np.float32)  # fmt: skip
     fits = {}
-    for shape in SHAPES:
+    for shape in ALL_SHAPES:
         unit_area, unit_y = _unit_moments(shape)
         radius = (area / unit_area) ** 0.5 / size
         best = np.array([mx, my - unit_y * radius, radius], np.float32)
@@ -265,7 +267,7 @@ def _read_blob(colour, a, area, size, min_iou) -> dict:
                    + (POSITIONS[p][1] - y) ** 2)  # fmt: skip
     return {
         "shape": shape if iou >= min_iou else UNREADABLE,
-        "colour": tuple(COLOURS)[colour],
+        "colour": tuple(ALL_COLOURS)[colour],
         "size": size_read,
         "position": position,
         "x": x, "y": y, "radius": radius, "iou": iou,

@@ -27,6 +27,13 @@ COLOURS = {
     "blue": (30, 80, 230),
     "purple": (150, 40, 200),
 }
+# A seventh shape and a seventh colour that the renderer, the judge and the outline
+# measure know but no base model learns (nor the tokenizer: the words are new to it):
+# what fine-tuning teaches a model. Scenes hold them only when asked (`novel`).
+NOVEL_SHAPES = ("heart",)
+NOVEL_COLOURS = {"pink": (255, 105, 180)}
+ALL_SHAPES = SHAPES + NOVEL_SHAPES
+ALL_COLOURS = COLOURS | NOVEL_COLOURS
 BACKGROUND = 0.0  # mid grey in [-1, 1]: every colour stands out from it
 SIZES = {"small": 0.12, "large": 0.19}  # radius, in units of the image width
 POSITIONS = {  # centre (x, y) in [0, 1], y downwards
@@ -55,24 +62,29 @@ SPLITS = {"test": (0, 10_000), "val": (10_000, 10_000), "train": (20_000, 100_00
 # Attributes
 
 
-def sample_attrs(rng, two_objects=TWO_OBJECT_FRACTION) -> dict:
+def sample_attrs(rng, two_objects=TWO_OBJECT_FRACTION, novel=False) -> dict:
     """Draw a random scene: one object at a position, or two objects and a relation.
 
     Args:
         rng: the source of every random draw: anything whose `.random()` returns a
             float in [0, 1), e.g. `random.Random(seed)` or `np.random.default_rng()`.
         two_objects: the probability of a two-object scene.
+        novel: draw shapes and colours from the novel ones too (`NOVEL_SHAPES`,
+            `NOVEL_COLOURS`); without, the scenes are those of the base world.
     Returns:
         attrs (see the module docstring), with jittered `x`, `y` and a `radius`.
     """
+    shapes, colours = (ALL_SHAPES, ALL_COLOURS) if novel else (SHAPES, COLOURS)
+
+    def draw(position):
+        return _sample_object(rng, position, shapes, colours)
+
     if rng.random() >= two_objects:
-        position = _choice(rng, POSITIONS)
-        return {"objects": [_sample_object(rng, position)], "relation": None}
+        return {"objects": [draw(_choice(rng, POSITIONS))], "relation": None}
     relation = _choice(rng, RELATIONS)
-    first = _sample_object(rng, RELATIONS[relation][0])
-    second = _sample_object(rng, RELATIONS[relation][1])
+    first, second = (draw(position) for position in RELATIONS[relation])
     while _look(second) == _look(first):  # the two must differ in some attribute
-        second = _sample_object(rng, RELATIONS[relation][1])
+        second = draw(RELATIONS[relation][1])
     return {"objects": [first, second], "relation": relation}
 
 
@@ -87,8 +99,8 @@ def _uniform(rng) -> float:
     return 2.0 * rng.random() - 1.0
 
 
-def _sample_object(rng, position) -> dict:
-    shape, colour = _choice(rng, SHAPES), _choice(rng, COLOURS)
+def _sample_object(rng, position, shapes=SHAPES, colours=COLOURS) -> dict:
+    shape, colour = _choice(rng, shapes), _choice(rng, colours)
     size = _choice(rng, SIZES)
     x, y = POSITIONS[position]
     return {
