@@ -204,6 +204,25 @@ class Run:
         set_random_state(self.stream.generators, state["random"])
 
 
+def mean_gradient(grads: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The gradient of the mean loss over all processes' examples, from each
+    process's gradient of the mean over its own: Σ_r n_r g_r / Σ_r n_r.
+
+    With equal counts it is the plain mean of the processes' gradients, what
+    `fit`'s all-reduce computes (its batches are all full and of one size);
+    with a short last batch on one process the plain mean would give that
+    process's few examples the weight of a full batch.
+
+    Args:
+        grads: (R, ...) each of the R processes' gradient of its mean loss.
+        counts: (R,) how many examples each process's mean was over.
+    Returns:
+        (...) the gradient of the mean over all Σ_r n_r examples.
+    """
+    weights = counts.to(grads.dtype) / counts.sum()  # (R,)
+    return torch.einsum("r,r...->...", weights, grads)
+
+
 def _same_start(params, accelerator):
     """Give every process the first process's initial weights."""
     if accelerator.num_processes > 1:

@@ -176,3 +176,27 @@ def test_the_vae_recipe_trains_on_a_folder_of_own_images(tmp_path):
     assert not (tmp_path / "j").exists()
     with pytest.raises(ValueError, match="judge recipe cannot train on shards"):
         run_recipe("judge", tmp_path / "judge", steps=2, shards=tmp_path / "s")
+
+
+@pytest.mark.parametrize(
+    "count, processes, workers", [(11, 2, 3), (13, 3, 2), (3, 2, 2)]
+)
+def test_split_shards_is_webdatasets_split_by_node_then_by_worker(
+    count, processes, workers, monkeypatch
+):
+    import webdataset as wds
+
+    from sdscratch.shards import split_shards
+
+    shards = [f"shard-{i:06d}.tar" for i in range(count)]
+    seen = []
+    for rank in range(processes):
+        for worker in range(workers):
+            monkeypatch.setenv("RANK", str(rank))
+            monkeypatch.setenv("WORLD_SIZE", str(processes))
+            monkeypatch.setenv("WORKER", str(worker))
+            monkeypatch.setenv("NUM_WORKERS", str(workers))
+            theirs = list(wds.split_by_worker(wds.split_by_node(iter(shards))))
+            assert split_shards(shards, rank, processes, worker, workers) == theirs
+            seen += theirs
+    assert sorted(seen) == shards  # every shard read once, by one worker
