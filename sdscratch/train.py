@@ -188,7 +188,11 @@ class Run:
         path = folder / CHECKPOINT_FILE.format(rank=self.accelerator.process_index)
         if not path.exists():
             return
-        state = torch.load(path, weights_only=True)  # tensors only: no pickled code
+        try:  # tensors only: no pickled code
+            state = torch.load(path, weights_only=True)
+        except Exception as error:  # torch raises many kinds, some in pages
+            why = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise ValueError(f"{path} is not a checkpoint fit can read: {why}")
         if state["processes"] != self.accelerator.num_processes:
             raise ValueError(
                 f"{path} was saved by {state['processes']} processes; resume it "

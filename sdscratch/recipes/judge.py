@@ -7,7 +7,13 @@ it stays fair to generated ones; checked on test scenes, which it never saw.
 import torch
 
 from sdscratch.checkpoint import save_component
-from sdscratch.recipes.common import mean_of_last, recipe, scenes_seed, seeded
+from sdscratch.recipes.common import (
+    mean_of_last,
+    recipe,
+    saving,
+    scenes_seed,
+    seeded,
+)
 from sdscratch.shapes.data import Shapes, collate
 from sdscratch.shapes.evaluate import real_images
 from sdscratch.shapes.judge import (
@@ -24,18 +30,19 @@ JUDGE_HELDOUT = 10_000  # test scenes the accuracy is measured on
 
 
 @recipe("judge", default_out="shapes-judge")
-def train_judge(out, seed, steps):
+def train_judge(out, seed, steps, checkpoint=None):
     """The attribute judge: `fit` on degraded training scenes, then its accuracy on
     the first JUDGE_HELDOUT test scenes, as they are and degraded."""
     config = JudgeConfig()
     with seeded(seed):  # the initial weights
         judge = Judge(config)
+    order = torch.Generator().manual_seed(seed)
     loader = torch.utils.data.DataLoader(
         Shapes("train", seed=scenes_seed("judge", seed)),
         batch_size=JUDGE_BATCH,
         shuffle=True,
         collate_fn=collate,
-        generator=torch.Generator().manual_seed(seed),
+        generator=order,
     )
     noise = rank_generator(seed + 1)  # each process its own degradations
 
@@ -44,7 +51,8 @@ def train_judge(out, seed, steps):
         return judge_loss(model, degrade(images, noise), scenes)
 
     steps = steps or JUDGE_STEPS
-    losses = fit(judge, loss_fn, loader, steps, lr=JUDGE_LR, warmup=50, desc="judge")
+    losses = fit(judge, loss_fn, loader, steps, lr=JUDGE_LR, warmup=50, desc="judge",
+                 generators=[order, noise], **saving(checkpoint))  # fmt: skip
     save_component(judge, out / "judge", config)
     test_seed = scenes_seed("judge", seed, "eval")
     images, _, scenes = real_images(JUDGE_HELDOUT, "test", seed=test_seed)

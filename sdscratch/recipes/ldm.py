@@ -15,7 +15,13 @@ import torch
 from sdscratch.checkpoint import load_component, resolve, save_component, verify
 from sdscratch.clip import TextEncoder, TextEncoderConfig
 from sdscratch.pipeline import StableDiffusion, write_schedule
-from sdscratch.recipes.common import mean_of_last, recipe, scenes_seed, seeded
+from sdscratch.recipes.common import (
+    mean_of_last,
+    recipe,
+    saving,
+    scenes_seed,
+    seeded,
+)
 from sdscratch.schedules import NoiseSchedule
 from sdscratch.shapes.data import Shapes
 from sdscratch.shapes.evaluate import evaluate_model
@@ -90,7 +96,7 @@ def load_ldm_parts():
 
 
 @recipe("ldm", default_out="shapes-ldm")
-def train_ldm(out, seed, steps):
+def train_ldm(out, seed, steps, checkpoint=None):
     """Stable Diffusion on Shapes: a text-conditioned UNet on the bundled VAE's
     latents, conditioned on the bundled text encoder, with caption dropout."""
     steps, cpu_start = steps or LDM_STEPS, time.process_time()
@@ -106,7 +112,9 @@ def train_ldm(out, seed, steps):
         unet = UNet(config)
     posteriors = (means, stds, vae.config.scaling_factor)
     text = (ids, tokenizer([""]), text_encoder)  # the empty caption: (1, L)
-    ema, losses = _fit_latent_unet(unet, schedule, posteriors, text, steps, seed)
+    ema, losses = _fit_latent_unet(
+        unet, schedule, posteriors, text, steps, seed, checkpoint
+    )
     save_component(ema, out / "unet", config, dtype=torch.float16)
     for name, root in roots.items():
         shutil.copytree(root / name, out / name, dirs_exist_ok=True)  # the same bytes
@@ -126,7 +134,7 @@ def train_ldm(out, seed, steps):
     }
 
 
-def _fit_latent_unet(unet, schedule, posteriors, text, steps, seed):
+def _fit_latent_unet(unet, schedule, posteriors, text, steps, seed, checkpoint=None):
     """`fit` the UNet on fresh posterior samples of the encoded scenes, with
     LDM_DROPOUT of the captions replaced by the empty one; return its EMA model
     and the losses.
@@ -136,6 +144,7 @@ def _fit_latent_unet(unet, schedule, posteriors, text, steps, seed):
         text: token ids (N, L) of the captions, of the empty caption (1, L), and
             the frozen text encoder.
         seed: of the one generator of batches, latent samples, dropout and noise.
+        checkpoint: a folder to save the run in and resume it from, or None.
     """
     (means, stds, scale), (ids, empty, text_encoder) = posteriors, text
     generator = rank_generator(seed)  # each process its own batches and noise
@@ -157,7 +166,8 @@ def _fit_latent_unet(unet, schedule, posteriors, text, steps, seed):
 
     ema = EMA(unet, decay=LDM_EMA)
     losses = fit(unet, loss_fn, batches(), steps, lr=LDM_LR,
-                 warmup=min(LDM_WARMUP, steps // 10), ema=ema, desc="ldm")  # fmt: skip
+                 warmup=min(LDM_WARMUP, steps // 10), ema=ema, desc="ldm",
+                 generators=[generator], **saving(checkpoint))  # fmt: skip
     return ema.model, losses
 
 

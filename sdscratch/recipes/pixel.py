@@ -19,6 +19,7 @@ from sdscratch.recipes.common import (
     first_scenes,
     mean_of_last,
     recipe,
+    saving,
     scenes_seed,
     seeded,
 )
@@ -59,7 +60,7 @@ def pixel_unet_config(cross_attention_dim=None):
 
 
 @recipe("pixel-uncond", default_out="shapes-pixel-uncond")
-def pixel_uncond(out, seed, steps):
+def pixel_uncond(out, seed, steps, checkpoint=None):
     """An unconditional UNet on 32×32 Shapes pixels with SD v1's noise schedule.
 
     DDPM loss, EMA weights saved in float16 to `out/unet`. Quality: held-out loss,
@@ -72,7 +73,9 @@ def pixel_uncond(out, seed, steps):
         unet = UNet(config)
     count = min(PIXEL_SCENES, PIXEL_BATCH * steps)
     images = first_scenes("train", count, scenes_seed("pixel-uncond", seed))[0]
-    ema, losses = _train_pixel_unet(unet, schedule, images, None, steps, seed)
+    ema, losses = _train_pixel_unet(
+        unet, schedule, images, None, steps, seed, checkpoint=checkpoint
+    )
     save_component(ema, out / "unet", config, dtype=torch.float16)
     bundled = load_component(out / "unet", UNet, UNetConfig)  # as stored
     eps_fn = bundled  # unconditional: ε̂ = unet(x, t)
@@ -88,7 +91,7 @@ def pixel_uncond(out, seed, steps):
 
 
 @recipe("pixel-text", default_out="shapes-pixel-text")
-def pixel_text(out, seed, steps):
+def pixel_text(out, seed, steps, checkpoint=None):
     """A text-conditioned UNet on 32×32 Shapes pixels.
 
     Its cross-attention reads the hidden states of shapes-clip's frozen text
@@ -109,7 +112,7 @@ def pixel_text(out, seed, steps):
     images, captions, _ = first_scenes("train", count, scenes_of)
     contexts = encode(captions)  # (N, L, D), the frozen encoder's
     ema, losses = _train_pixel_unet(
-        unet, schedule, images, contexts, steps, seed, empty=hidden[0]
+        unet, schedule, images, contexts, steps, seed, hidden[0], checkpoint
     )
     save_component(ema, out / "unet", config, dtype=torch.float16)
     bundled = load_component(out / "unet", UNet, UNetConfig)  # as stored
@@ -166,18 +169,22 @@ def guided(unet, context, empty, scale):
     return classifier_free_guidance(unet, context, empty.expand_as(context), scale)
 
 
-def _train_pixel_unet(unet, schedule, images, contexts, steps, seed, empty=None):
+def _train_pixel_unet(
+    unet, schedule, images, contexts, steps, seed, empty=None, checkpoint=None
+):
     """`fit` the UNet on (images, contexts) batches; return its EMA and the losses.
 
     contexts: (N, L, D) text hidden states, one per image, or None (unconditional).
     empty: (L, D) the empty prompt's, put in place of CAPTION_DROPOUT of contexts.
+    checkpoint: a folder to save the run in and resume it from, or None.
     """
     tensors = (images,) if contexts is None else (images, contexts)
+    order = torch.Generator().manual_seed(seed)
     batches = DataLoader(
         TensorDataset(*tensors),
         batch_size=PIXEL_BATCH,
         shuffle=True,
-        generator=torch.Generator().manual_seed(seed),
+        generator=order,
         drop_last=len(images) > PIXEL_BATCH,
     )
     noise = rank_generator(seed + 1)  # each process its own noise
@@ -191,7 +198,8 @@ def _train_pixel_unet(unet, schedule, images, contexts, steps, seed, empty=None)
 
     ema = EMA(unet, decay=0.98)
     warmup = min(30, steps // 10)
-    losses = fit(unet, loss_fn, batches, steps, PIXEL_LR, ema, warmup=warmup)
+    losses = fit(unet, loss_fn, batches, steps, PIXEL_LR, ema, warmup=warmup,
+                 generators=[order, noise], **saving(checkpoint))  # fmt: skip
     return ema.model, losses
 
 
