@@ -465,7 +465,7 @@ def build_parser() -> Parser:
     train.add_argument(
         "--shards",
         help="train on the images of these tar shards (`sdscratch data shards`), "
-        "e.g. your own; recipes that can: vae",
+        "e.g. your own; recipes that can: vae, ldm, pixel-uncond, pixel-text",
     )
     train.add_argument(
         "--resume",

@@ -36,6 +36,7 @@ weights, bit for bit, as a run never stopped; a finished run deletes the folder.
 import contextlib
 import functools
 import inspect
+import itertools
 import json
 import os
 import shlex
@@ -158,7 +159,7 @@ def run_recipe(
         steps: override the recipe's number of steps (short runs, tests).
         force: replace `out` if it holds anything.
         shards: a folder of tar shards to stream the training images from
-            (recipes with a `shards` argument: vae).
+            (recipes with a `shards` argument: vae, ldm, pixel-uncond, pixel-text).
         resume: a stopped run's checkpoint folder (or a file in it) to go on
             from; the run's options must be those it was started with.
     """
@@ -296,6 +297,20 @@ def _move_into_place(staging: Path, out: Path, force: bool):
     out.rename(old)
     staging.rename(out)
     shutil.rmtree(old)
+
+
+def shard_batches(shards, count, batch_size, seed):
+    """Batches of (images (B, 3, 32, 32), captions) streamed from the tar shards
+    in `shards` (`sdscratch.shards.ShardStream`), enough to hold `count` images,
+    and the stream (its `report()` says what it skipped).
+
+    The recipes that render their Shapes scenes once, before training (ldm, pixel),
+    read this many images once from the shards instead.
+    """
+    from sdscratch.shards import ShardStream
+
+    stream = ShardStream(shards, batch_size, size=32, seed=seed)
+    return itertools.islice(stream, -(-count // batch_size)), stream
 
 
 def mean_of_last(losses, n) -> float:

@@ -21,6 +21,7 @@ from sdscratch.recipes.common import (
     saving,
     scenes_seed,
     seeded,
+    shard_batches,
 )
 from sdscratch.schedules import NoiseSchedule
 from sdscratch.shapes.data import Shapes
@@ -68,9 +69,19 @@ def encode_scenes(vae, tokenizer, count, batch_size=500, seed=0):
     Returns:
         means, stds (count, C, h, w) of the posterior q(z|x) (unscaled), ids (count, L).
     """
-    train, means, stds, ids = Shapes("train", seed=seed), [], [], []
-    for start in range(0, count, batch_size):
-        images, captions, _ = train.batch(range(start, min(start + batch_size, count)))
+    train = Shapes("train", seed=seed)
+    batches = (
+        train.batch(range(start, min(start + batch_size, count)))[:2]
+        for start in range(0, count, batch_size)
+    )
+    return encode_batches(vae, tokenizer, batches)
+
+
+def encode_batches(vae, tokenizer, batches):
+    """(images (B, 3, H, W), captions) batches as VAE posteriors and token ids:
+    means, stds (N, C, h, w) of q(z|x) (unscaled) and ids (N, L), N in all."""
+    means, stds, ids = [], [], []
+    for images, captions in batches:
         with torch.no_grad():
             posterior = vae.encode(images)
         means.append(posterior.mean)
@@ -96,14 +107,19 @@ def load_ldm_parts():
 
 
 @recipe("ldm", default_out="shapes-ldm")
-def train_ldm(out, seed, steps, checkpoint=None):
+def train_ldm(out, seed, steps, checkpoint=None, shards=None):
     """Stable Diffusion on Shapes: a text-conditioned UNet on the bundled VAE's
-    latents, conditioned on the bundled text encoder, with caption dropout."""
+    latents, conditioned on the bundled text encoder, with caption dropout.
+
+    shards: a folder of tar shards (`sdscratch data shards`, e.g. one's own
+    captioned images) whose first images and captions it encodes and trains on,
+    as many as it would draw Shapes scenes, instead of those scenes.
+    """
     steps, cpu_start = steps or LDM_STEPS, time.process_time()
     vae, text_encoder, tokenizer, roots = load_ldm_parts()
     count = min(LDM_SCENES, steps * LDM_BATCH)
-    means, stds, ids = encode_scenes(  # (N, C, h, w), (N, L)
-        vae, tokenizer, count, seed=scenes_seed("ldm", seed)
+    (means, stds, ids), skipped = _training_latents(  # (N, C, h, w), (N, L)
+        vae, tokenizer, count, seed, shards
     )
     schedule = NoiseSchedule.scaled_linear()
     width = text_encoder.config.hidden_size
@@ -124,14 +140,27 @@ def train_ldm(out, seed, steps, checkpoint=None):
     pipe = StableDiffusion(stored, vae, text_encoder, tokenizer, schedule)
     eval_seed = scenes_seed("ldm", seed, "eval")
     quality = measure_ldm(pipe, seed, n=min(LDM_EVAL, 10 * steps), scenes=eval_seed)
+    quality |= skipped
     return quality | {
         "steps": steps,
         "batch_size": LDM_BATCH,
-        "training_scenes": count,
+        "training_scenes": len(means),
         "final_loss": round(mean_of_last(losses, 100), 4),
         "parameters": sum(p.numel() for p in unet.parameters()),
         "cpu_seconds_training": round(training_cpu),  # summed over threads
     }
+
+
+def _training_latents(vae, tokenizer, count, seed, shards=None):
+    """The posteriors and token ids of the first `count` training scenes, or of
+    about as many images from `shards`; and what the shards skipped (a dict for
+    the manifest, empty without shards)."""
+    if shards is None:
+        scenes = scenes_seed("ldm", seed)
+        return encode_scenes(vae, tokenizer, count, seed=scenes), {}
+    batches, stream = shard_batches(shards, count, LDM_BATCH, seed)
+    encoded = encode_batches(vae, tokenizer, batches)
+    return encoded, {"shards_skipped": stream.report()}
 
 
 def _fit_latent_unet(unet, schedule, posteriors, text, steps, seed, checkpoint=None):
