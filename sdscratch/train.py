@@ -397,11 +397,18 @@ def cpu_launch(script: list[str], count: int) -> tuple[list[str], dict]:
     """
     if count == 1:
         return [sys.executable, *script], {}
-    with socket.socket() as free:  # a port nobody listens on, for the rendezvous
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
+    port = free_port()  # for the rendezvous
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
                 "--num_processes", str(count), "--num_machines", "1",
                 "--mixed_precision", "no", "--dynamo_backend", "no",
                 "--main_process_port", str(port)]  # fmt: skip
     return [*launcher, *script], {"ACCELERATE_USE_CPU": "true"}
+
+
+def free_port() -> int:
+    """A TCP port on this machine that nobody listens on now: where the processes
+    of a launch meet (`accelerate launch --main_process_port`, `notebook_launcher(
+    use_port=...)`), so that two launches at the same time do not collide."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        return free.getsockname()[1]
