@@ -119,13 +119,18 @@ def manifest_of(folder):
     return json.loads((folder / "MANIFEST.json").read_text())
 
 
+@pytest.mark.parametrize("data", ["scenes", "shards"])
 def test_a_recipe_stopped_midway_resumes_from_the_cli_to_the_same_weights(
-    tmp_path, monkeypatch
+    data, tmp_path, monkeypatch
 ):
+    """vae, on Shapes drawn by a DataLoader or streamed from shards (whose
+    reader's shuffle the resumed run must redo too)."""
     import sdscratch.recipes.vae as vae_recipe
     from conftest import run_cli
 
     monkeypatch.setattr("sdscratch.recipes.common.CHECKPOINT_EVERY", 2)
+    monkeypatch.setattr(vae_recipe, "VAE_SCALE_SCENES", 64)  # a quicker evaluation
+    monkeypatch.setattr(vae_recipe, "VAE_VAL_SCENES", 64)
     loss, calls, stop = vae_recipe.vae_loss, [0], [None]
 
     def counted(*args):
@@ -135,7 +140,13 @@ def test_a_recipe_stopped_midway_resumes_from_the_cli_to_the_same_weights(
         return loss(*args)
 
     monkeypatch.setattr(vae_recipe, "vae_loss", counted)
-    options = ["train", "vae", "--steps", "5", "--out"]
+    options = ["train", "vae", "--steps", "5"]
+    if data == "shards":
+        shards = tmp_path / "shards"
+        assert run_cli("data", "shards", "--out", shards, "--count", 2,
+                       "--scenes", 200)[0] == 0  # fmt: skip
+        options += ["--shards", shards]
+    options += ["--out"]
     assert run_cli(*options, tmp_path / "whole")[0] == 0
     calls[0], stop[0] = 0, 5  # step 5 stops the run, after step 4's checkpoint
     with pytest.raises(Interrupted):
