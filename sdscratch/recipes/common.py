@@ -49,6 +49,7 @@ import torch
 
 from sdscratch.checkpoint import write_manifest
 from sdscratch.shapes.data import Shapes
+from sdscratch.shards import ShardStream
 from sdscratch.train import processes
 
 RECIPES = {}  # name -> (fn(out, seed, steps) -> quality dict, default folder name)
@@ -307,8 +308,6 @@ def shard_batches(shards, count, batch_size, seed):
     The recipes that render their Shapes scenes once, before training (ldm, pixel),
     read this many images once from the shards instead.
     """
-    from sdscratch.shards import ShardStream
-
     stream = ShardStream(shards, batch_size, size=32, seed=seed)
     return itertools.islice(stream, -(-count // batch_size)), stream
 
