@@ -262,6 +262,7 @@ def cmd_train(args):
         steps=args.steps,
         force=args.force,
         shards=args.shards,
+        resume=args.resume,
     )
     print(f"trained in {manifest['wall_time_seconds']:.0f} s: {manifest['quality']}")
 
@@ -464,7 +465,14 @@ def build_parser() -> Parser:
     train.add_argument(
         "--shards",
         help="train on the images of these tar shards (`sdscratch data shards`), "
-        "e.g. your own; recipes that can: vae",
+        "e.g. your own; recipes that can: vae, ldm, pixel-uncond, pixel-text",
+    )
+    train.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="go on with a stopped run from its checkpoint folder (<out>.checkpoint, "
+        "which a run saves as it trains) or a file in it; give the options it was "
+        "started with",
     )
     train.add_argument(
         "--force",

@@ -112,6 +112,23 @@ def shard_files(folder) -> list[str]:
     return shards
 
 
+def split_shards(shards, rank, processes, worker, workers) -> list:
+    """The shards one DataLoader worker of one process reads when the shards are
+    dealt out without replacement: by process first, then by worker (webdataset's
+    `split_by_node`, then `split_by_worker`). With fewer shards than processes ×
+    workers some get none, and their process runs out of batches before the others:
+    why `ShardStream` draws with replacement instead.
+
+    Args:
+        shards: every shard, in one order that all processes agree on.
+        rank: this process's index among `processes`.
+        worker: this worker's index among the process's `workers` (1: no workers).
+    Returns:
+        shards[rank::processes][worker::workers]: may be empty.
+    """
+    return list(shards)[rank::processes][worker::workers]
+
+
 class SkippedSample(Exception):
     """A sample that cannot be used; its message names the shard and the file."""
 

@@ -188,7 +188,11 @@ class Run:
         path = folder / CHECKPOINT_FILE.format(rank=self.accelerator.process_index)
         if not path.exists():
             return
-        state = torch.load(path, weights_only=True)  # tensors only: no pickled code
+        try:  # tensors only: no pickled code
+            state = torch.load(path, weights_only=True)
+        except Exception as error:  # torch raises many kinds, some in pages
+            why = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise ValueError(f"{path} is not a checkpoint fit can read: {why}")
         if state["processes"] != self.accelerator.num_processes:
             raise ValueError(
                 f"{path} was saved by {state['processes']} processes; resume it "
@@ -202,6 +206,25 @@ class Run:
         self.losses = state["losses"]
         self.stream.seek(state["data"])  # draws the batches again, without training
         set_random_state(self.stream.generators, state["random"])
+
+
+def mean_gradient(grads: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The gradient of the mean loss over all processes' examples, from each
+    process's gradient of the mean over its own: Σ_r n_r g_r / Σ_r n_r.
+
+    With equal counts it is the plain mean of the processes' gradients, what
+    `fit`'s all-reduce computes (its batches are all full and of one size);
+    with a short last batch on one process the plain mean would give that
+    process's few examples the weight of a full batch.
+
+    Args:
+        grads: (R, ...) each of the R processes' gradient of its mean loss.
+        counts: (R,) how many examples each process's mean was over.
+    Returns:
+        (...) the gradient of the mean over all Σ_r n_r examples.
+    """
+    weights = counts.to(grads.dtype) / counts.sum()  # (R,)
+    return torch.einsum("r,r...->...", weights, grads)
 
 
 def _same_start(params, accelerator):
@@ -374,11 +397,18 @@ def cpu_launch(script: list[str], count: int) -> tuple[list[str], dict]:
     """
     if count == 1:
         return [sys.executable, *script], {}
-    with socket.socket() as free:  # a port nobody listens on, for the rendezvous
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
+    port = free_port()  # for the rendezvous
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
                 "--num_processes", str(count), "--num_machines", "1",
                 "--mixed_precision", "no", "--dynamo_backend", "no",
                 "--main_process_port", str(port)]  # fmt: skip
     return [*launcher, *script], {"ACCELERATE_USE_CPU": "true"}
+
+
+def free_port() -> int:
+    """A TCP port on this machine that nobody listens on now: where the processes
+    of a launch meet (`accelerate launch --main_process_port`, `notebook_launcher(
+    use_port=...)`), so that two launches at the same time do not collide."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        return free.getsockname()[1]

@@ -203,6 +203,20 @@ def downsample_mask(mask, factor):
     return F.max_pool2d(mask, factor)
 
 
+def rank_batch(order, step, rank, processes, batch_size):
+    start = (step * processes + rank) * batch_size
+    return order[start : start + batch_size]
+
+
+def shard_split(shards, rank, processes, worker, workers):
+    mine = [s for i, s in enumerate(shards) if i % processes == rank]
+    return [s for i, s in enumerate(mine) if i % workers == worker]
+
+
+def mean_gradient(grads, counts):
+    return (grads * counts[:, None]).sum(0) / counts.sum()
+
+
 RIGHT = {
     "add_noise": add_noise, "snr": snr, "diffusion_loss": diffusion_loss,
     "ddpm_step": ddpm_step, "ddim_step": ddim_step, "karras_sigmas": karras_sigmas,
@@ -218,6 +232,8 @@ RIGHT = {
     "scaled_linear_betas": scaled_linear_betas, "predict_x0": predict_x0,
     "sigmas": sigmas, "geglu": geglu, "causal_softmax": causal_softmax,
     "psnr_db": psnr_db, "downsample_mask": downsample_mask,
+    "rank_batch": rank_batch, "shard_split": shard_split,
+    "mean_gradient": mean_gradient,
 }  # fmt: skip
 
 # ----------------------------------------------------------------------------------
@@ -316,6 +332,15 @@ WRONG = [
      .mean().item()), "range of the pixel values"),
     ("downsample_mask", lambda m, f: F.avg_pool2d(m, f), "not the mean"),
     ("downsample_mask", lambda m, f: m[..., ::f, ::f], "every pixel of the block"),
+    ("rank_batch", lambda o, s, r, p, b: o[s * b:(s + 1) * b], "its own examples"),
+    ("rank_batch", lambda o, s, r, p, b: o[r::p][s * b:(s + 1) * b],
+     "whole batches"),
+    ("shard_split", lambda sh, r, p, w, ws: sh[r::p], "split the process's share"),
+    ("shard_split", lambda sh, r, p, w, ws: sh[r * ws + w::p * ws],
+     "another order"),
+    ("mean_gradient", lambda g, c: g.mean(0), "weight each process's gradient"),
+    ("mean_gradient", lambda g, c: (g * c[:, None]).sum(0) / len(c),
+     "not of processes"),
 ]  # fmt: skip
 
 

@@ -67,3 +67,33 @@ def test_ldm_recipe_refuses_a_missing_part(tiny_parts, monkeypatch):
     monkeypatch.setitem(recipes.LDM_PARTS, "vae", str(tiny_parts / "missing"))
     with pytest.raises(ValueError, match="No checkpoint"):
         recipes.run_recipe("ldm", out=tiny_parts / "ldm", steps=2)
+
+
+def test_ldm_recipe_trains_on_shards_of_own_images(tiny_parts, monkeypatch):
+    """`--shards`: the UNet learns the latents and captions of the shards' images."""
+    from PIL import Image
+
+    import sdscratch.recipes.ldm as ldm
+    from sdscratch.__main__ import main
+
+    folder = tiny_parts / "mine"
+    folder.mkdir()
+    for i, colour in enumerate(["red", "blue", "yellow"]):
+        Image.new("RGB", (40, 40), colour).save(folder / f"photo{i}.png")
+        (folder / f"photo{i}.txt").write_text(f"a {colour} photo")
+    shards = tiny_parts / "s"
+    assert main(["data", "shards", "--images", str(folder), "--out", str(shards),
+                 "--count", "3"]) == 0  # fmt: skip
+    seen, encode = [], ldm.encode_batches
+
+    def spy(vae, tokenizer, batches):
+        batches = list(batches)
+        seen.extend(caption for _, captions in batches for caption in captions)
+        return encode(vae, tokenizer, batches)
+
+    monkeypatch.setattr(ldm, "encode_batches", spy)
+    manifest = recipes.run_recipe("ldm", tiny_parts / "ldm", steps=2, shards=shards)
+    assert manifest["quality"]["shards_skipped"] == ""
+    assert manifest["quality"]["training_scenes"] == len(seen) >= 2 * ldm.LDM_BATCH
+    assert set(seen) == {"a red photo", "a blue photo", "a yellow photo"}
+    StableDiffusion.from_pretrained(tiny_parts / "ldm")  # a loadable checkpoint

@@ -107,3 +107,100 @@ def test_a_checkpoint_of_another_number_of_processes_is_refused(tmp_path):
     torch.save(state, tmp_path / "rank-0.pt")
     with pytest.raises(ValueError, match="saved by 2 processes"):
         fit(model, loss_fn, batches, 6, progress=False, checkpoint=tmp_path)
+
+
+# ----------------------------------------------------------------------------------
+# `sdscratch train RECIPE --resume DIR`: the same through the command line
+
+
+def manifest_of(folder):
+    import json
+
+    return json.loads((folder / "MANIFEST.json").read_text())
+
+
+@pytest.mark.parametrize("data", ["scenes", "shards"])
+def test_a_recipe_stopped_midway_resumes_from_the_cli_to_the_same_weights(
+    data, tmp_path, monkeypatch
+):
+    """vae, on Shapes drawn by a DataLoader or streamed from shards (whose
+    reader's shuffle the resumed run must redo too)."""
+    import sdscratch.recipes.vae as vae_recipe
+    from conftest import run_cli
+
+    monkeypatch.setattr("sdscratch.recipes.common.CHECKPOINT_EVERY", 2)
+    monkeypatch.setattr(vae_recipe, "VAE_SCALE_SCENES", 64)  # a quicker evaluation
+    monkeypatch.setattr(vae_recipe, "VAE_VAL_SCENES", 64)
+    loss, calls, stop = vae_recipe.vae_loss, [0], [None]
+
+    def counted(*args):
+        calls[0] += 1
+        if calls[0] == stop[0]:
+            raise Interrupted
+        return loss(*args)
+
+    monkeypatch.setattr(vae_recipe, "vae_loss", counted)
+    options = ["train", "vae", "--steps", "5"]
+    if data == "shards":
+        shards = tmp_path / "shards"
+        assert run_cli("data", "shards", "--out", shards, "--count", 2,
+                       "--scenes", 200)[0] == 0  # fmt: skip
+        options += ["--shards", shards]
+    options += ["--out"]
+    assert run_cli(*options, tmp_path / "whole")[0] == 0
+    calls[0], stop[0] = 0, 5  # step 5 stops the run, after step 4's checkpoint
+    with pytest.raises(Interrupted):
+        run_cli(*options, tmp_path / "run")
+    saved = tmp_path / "run.checkpoint"
+    assert (saved / "rank-0.pt").exists() and not (tmp_path / "run").exists()
+    calls[0], stop[0] = 0, None
+    code, out, err = run_cli(*options, tmp_path / "run", "--resume", saved)
+    assert code == 0, err
+    assert calls[0] == 1  # it trained step 5 only
+    whole, resumed = manifest_of(tmp_path / "whole"), manifest_of(tmp_path / "run")
+    assert resumed["sha256"] == whole["sha256"]  # the same weights, bit for bit
+    assert not saved.exists()  # a finished run deletes its checkpoint
+
+
+def test_resume_without_a_usable_checkpoint_is_one_sentence_and_exit_2(tmp_path):
+    import json
+
+    from conftest import run_cli
+
+    def refused(*args) -> str:
+        code, out, err = run_cli("train", "vae", "--steps", "2", "--out",
+                                 tmp_path / "out", *args)  # fmt: skip
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+        return err
+
+    assert "no such checkpoint folder" in refused("--resume", tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    assert "is not the checkpoint of a" in refused("--resume", tmp_path / "empty")
+    other = tmp_path / "other"
+    other.mkdir()
+    command = f"python -m sdscratch train ldm --seed 0 --out {tmp_path / 'x'}"
+    (other / "run.json").write_text(json.dumps({"recipe": "ldm", "command": command}))
+    err = refused("--resume", other / "run.json")
+    assert "a checkpoint of the ldm recipe, not of vae" in err
+    command = f"python -m sdscratch train vae --seed 1 --steps 2 --out {tmp_path}/out"
+    (other / "run.json").write_text(json.dumps({"recipe": "vae", "command": command}))
+    assert "resume it with the same options" in refused("--resume", other)
+
+
+def test_a_broken_checkpoint_file_or_a_stopped_run_is_never_overwritten(tmp_path):
+    import json
+
+    from conftest import run_cli
+
+    out, saved = tmp_path / "out", tmp_path / "out.checkpoint"
+    saved.mkdir()
+    command = f"python -m sdscratch train vae --seed 0 --steps 2 --out {out}"
+    (saved / "run.json").write_text(json.dumps({"recipe": "vae", "command": command}))
+    (saved / "rank-0.pt").write_bytes(b"not a checkpoint")
+    code, _, err = run_cli("train", "vae", "--steps", "2", "--out", out)
+    assert code == 2 and f"{saved} holds a stopped run" in err
+    code, _, err = run_cli("train", "vae", "--steps", "2", "--out", out,
+                           "--resume", saved / "rank-0.pt")  # fmt: skip
+    assert code == 2 and err.count("\n") == 1 and "not a checkpoint fit can read" in err
+    assert (saved / "rank-0.pt").read_bytes() == b"not a checkpoint"
+    assert not out.exists()

@@ -176,3 +176,78 @@ def test_the_vae_recipe_trains_on_a_folder_of_own_images(tmp_path):
     assert not (tmp_path / "j").exists()
     with pytest.raises(ValueError, match="judge recipe cannot train on shards"):
         run_recipe("judge", tmp_path / "judge", steps=2, shards=tmp_path / "s")
+
+
+@pytest.mark.parametrize(
+    "count, processes, workers", [(11, 2, 3), (13, 3, 2), (3, 2, 2)]
+)
+def test_split_shards_is_webdatasets_split_by_node_then_by_worker(
+    count, processes, workers, monkeypatch
+):
+    import webdataset as wds
+
+    from sdscratch.shards import split_shards
+
+    shards = [f"shard-{i:06d}.tar" for i in range(count)]
+    seen = []
+    for rank in range(processes):
+        for worker in range(workers):
+            monkeypatch.setenv("RANK", str(rank))
+            monkeypatch.setenv("WORLD_SIZE", str(processes))
+            monkeypatch.setenv("WORKER", str(worker))
+            monkeypatch.setenv("NUM_WORKERS", str(workers))
+            theirs = list(wds.split_by_worker(wds.split_by_node(iter(shards))))
+            assert split_shards(shards, rank, processes, worker, workers) == theirs
+            seen += theirs
+    assert sorted(seen) == shards  # every shard read once, by one worker
+
+
+@pytest.fixture
+def own_shards(tmp_path):
+    """Two shards of four one-colour images with captions, as a learner makes them."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for i, colour in enumerate(["red", "blue", "yellow", "green"]):
+        (folder / f"photo{i}.png").write_bytes(png(colour, size=(48, 64)))
+        (folder / f"photo{i}.txt").write_text(f"a {colour} photo")
+    assert main(["data", "shards", "--images", str(folder), "--out",
+                 str(tmp_path / "s"), "--count", "2"]) == 0  # fmt: skip
+    return tmp_path / "s"
+
+
+def one_colour(images) -> bool:
+    """Every image (B, 3, H, W) is a single colour: none is a Shapes scene."""
+    flat = images.flatten(2)  # (B, 3, H·W)
+    return bool((flat.amax(-1) - flat.amin(-1)).max() < 0.05)
+
+
+@pytest.mark.parametrize("name", ["pixel-uncond", "pixel-text"])
+def test_the_pixel_recipes_train_on_shards(name, own_shards, tmp_path, monkeypatch):
+    import sdscratch.recipes.pixel as pixel
+    from sdscratch.recipes import run_recipe
+
+    trained_on, train = [], pixel._train_pixel_unet
+
+    def spy(unet, schedule, images, contexts, *args, **kwargs):
+        trained_on.append(images)
+        return train(unet, schedule, images, contexts, *args, **kwargs)
+
+    monkeypatch.setattr(pixel, "_train_pixel_unet", spy)
+    monkeypatch.setattr(pixel, "_pixel_quality", lambda *a, **k: ({}, None))
+    monkeypatch.setattr(pixel, "_guided_quality", lambda *a, **k: {})
+    manifest = run_recipe(name, tmp_path / "out", steps=2, shards=own_shards)
+    assert manifest["quality"]["shards_skipped"] == ""
+    assert manifest["command"].endswith(f"--shards {own_shards}")
+    assert (tmp_path / "out" / "unet").is_dir()
+    (images,) = trained_on
+    assert len(images) >= 2 * pixel.PIXEL_BATCH and one_colour(images)
+    assert not one_colour(Shapes("train").batch(range(8))[0])  # the check can fail
+
+
+def test_clip_and_judge_refuse_shards_in_one_sentence(own_shards, tmp_path, capsys):
+    for name in ("clip", "judge"):
+        code = main(["train", name, "--steps", "2", "--out", str(tmp_path / name),
+                     "--shards", str(own_shards)])  # fmt: skip
+        err = capsys.readouterr().err
+        assert code == 2 and f"The {name} recipe cannot train on shards." in err
+        assert not (tmp_path / name).exists()

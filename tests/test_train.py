@@ -153,3 +153,25 @@ def test_learning_rate_is_torchs_linear_warmup_then_cosine_to_a_tenth(
         reference.step()
         schedule.step()
     assert seen == pytest.approx(expected, rel=1e-6, abs=1e-9)
+
+
+def test_mean_gradient_of_uneven_shares_is_the_whole_batchs_gradient():
+    """Processes with 8, 2 and 5 examples: their gradients combined by
+    `mean_gradient` equal autograd's gradient of the mean over all 15."""
+    from sdscratch.train import mean_gradient
+
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    x, y = torch.randn(15, 3, generator=g), torch.randn(15, 2, generator=g)
+
+    def gradient(rows):
+        model.zero_grad()
+        (model(x[rows]) - y[rows]).pow(2).mean().backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    shares = [range(0, 8), range(8, 10), range(10, 15)]
+    grads = torch.stack([gradient(list(rows)) for rows in shares])  # (3, 8)
+    whole = gradient(list(range(15)))
+    counts = torch.tensor([len(rows) for rows in shares])
+    assert torch.allclose(mean_gradient(grads, counts), whole, atol=1e-6)
+    assert not torch.allclose(grads.mean(0), whole, atol=1e-3)  # the plain mean

@@ -68,6 +68,11 @@ from sdscratch.exercises.networks import (
     reference_resblock,
     reference_timestep_embedding,
 )
+from sdscratch.exercises.scaling import (
+    check_mean_gradient,
+    check_rank_batch,
+    check_shard_split,
+)
 from sdscratch.exercises.training import (
     check_ema_update,
     check_encode_latents,
@@ -100,14 +105,17 @@ __all__ = [
     "check_karras_sigmas",
     "check_kl",
     "check_matrix_sqrt",
+    "check_mean_gradient",
     "check_merge_pair",
     "check_min_snr_weight",
     "check_predict_x0",
     "check_psnr_db",
+    "check_rank_batch",
     "check_reparameterize",
     "check_resblock",
     "check_rescale_guidance",
     "check_scaled_linear_betas",
+    "check_shard_split",
     "check_sigmas",
     "check_snr",
     "check_split_heads",

@@ -16,7 +16,13 @@ from sdscratch.clip import (
     TextEncoderConfig,
     contrastive_loss,
 )
-from sdscratch.recipes.common import mean_of_last, recipe, scenes_seed, seeded
+from sdscratch.recipes.common import (
+    mean_of_last,
+    recipe,
+    saving,
+    scenes_seed,
+    seeded,
+)
 from sdscratch.shapes.data import (
     Shapes,
     asked_codes,
@@ -75,7 +81,7 @@ def _hard_negative(attrs, rng) -> dict:
 
 
 @recipe("clip", default_out="shapes-clip")
-def train_clip(out, seed, steps):
+def train_clip(out, seed, steps, checkpoint=None):
     """A byte-level BPE vocabulary and a tiny CLIP, trained on Shapes captions.
 
     Every caption in a batch comes with a hard negative, the caption of a scene one
@@ -105,7 +111,8 @@ def train_clip(out, seed, steps):
         same = codes_satisfy(image_codes, text_codes)  # (B, 2B)
         return contrastive_loss(model(x, texts), same)
 
-    losses = fit(clip, loss_fn, batches(), steps, lr=2e-3, warmup=100, desc="clip")
+    losses = fit(clip, loss_fn, batches(), steps, lr=2e-3, warmup=100, desc="clip",
+                 generators=[generator], **saving(checkpoint))  # fmt: skip
     temperature = 1 / clip.logit_scale.exp().item()
     clip.save_pretrained(out, dtype=torch.float16)
     return _zero_shot(clip, out, seed, steps) | {

@@ -25,11 +25,19 @@ and the first one writes the checkpoint; a single process draws what it always d
 
 Manifest: every recipe's MANIFEST.json has the keys MANIFEST_KEYS; a recipe returns
 only its `quality`, `run_recipe` measures and writes the rest.
+
+Resuming: a recipe with a `checkpoint` argument passes `saving(checkpoint)` and the
+generators it draws from to `fit`, which saves the run every CHECKPOINT_EVERY steps
+into `<out>.checkpoint/` (beside the output folder, with RUN_FILE saying which
+command made it). A stopped run goes on from there with `--resume`, to the same
+weights, bit for bit, as a run never stopped; a finished run deletes the folder.
 """
 
 import contextlib
 import functools
 import inspect
+import itertools
+import json
 import os
 import shlex
 import shutil
@@ -41,9 +49,12 @@ import torch
 
 from sdscratch.checkpoint import write_manifest
 from sdscratch.shapes.data import Shapes
+from sdscratch.shards import ShardStream
 from sdscratch.train import processes
 
 RECIPES = {}  # name -> (fn(out, seed, steps) -> quality dict, default folder name)
+CHECKPOINT_EVERY = 100  # steps between the resumable checkpoints of a run
+RUN_FILE = "run.json"  # in a run's checkpoint folder: its recipe and command
 TRAINED = Path("trained")  # where `train` writes by default: trained/<folder>
 
 # Every recipe runs on one torch thread. On the shared 2-core machine a second thread
@@ -124,7 +135,17 @@ def first_scenes(split, n, seed=COURSE_SCENES, size=32) -> tuple:
     return Shapes(split, size=size, seed=seed, length=n).batch(range(n))
 
 
-def run_recipe(name, out=None, seed=0, steps=None, force=False, shards=None) -> dict:
+def saving(checkpoint) -> dict:
+    """`fit`'s keyword arguments that save the run into the folder `checkpoint`
+    every CHECKPOINT_EVERY steps and resume from it (none if it is None)."""
+    if checkpoint is None:
+        return {}
+    return {"checkpoint": checkpoint, "checkpoint_every": CHECKPOINT_EVERY}
+
+
+def run_recipe(
+    name, out=None, seed=0, steps=None, force=False, shards=None, resume=None
+) -> dict:
     """Run a registered recipe, then write MANIFEST.json; return the manifest.
 
     The recipe writes into a new hidden folder beside `out`, which takes its place
@@ -139,35 +160,95 @@ def run_recipe(name, out=None, seed=0, steps=None, force=False, shards=None) -> 
         steps: override the recipe's number of steps (short runs, tests).
         force: replace `out` if it holds anything.
         shards: a folder of tar shards to stream the training images from
-            (recipes with a `shards` argument: vae).
+            (recipes with a `shards` argument: vae, ldm, pixel-uncond, pixel-text).
+        resume: a stopped run's checkpoint folder (or a file in it) to go on
+            from; the run's options must be those it was started with.
     """
     if name not in RECIPES:
         raise ValueError(f"Unknown recipe {name!r}; choose one of {sorted(RECIPES)}.")
     fn, default_out = RECIPES[name]
-    if shards is not None:
-        if "shards" not in inspect.signature(fn).parameters:
-            raise ValueError(f"The {name} recipe cannot train on shards.")
-        fn = functools.partial(fn, shards=shards)
     command = ["python", "-m", "sdscratch", "train", name, "--seed", str(seed)]
     command += ["--steps", str(steps)] if steps is not None else []
     command += ["--out", str(out)] if out else []
     command += ["--shards", str(shards)] if shards is not None else []
+    command = shlex.join(command)
     out = Path(out) if out else TRAINED / default_out
     _check_out(out, force)
+    fn, saved = _with_options(fn, name, shards, out, resume, command)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         seconds, quality, measured = _measured(fn, staging, seed, steps)
-        command = shlex.join(command)
         manifest = write_manifest(staging, command, seed, seconds, quality, **measured)
     except BaseException:  # also Ctrl-C: no half-made checkpoint stays behind
         shutil.rmtree(staging, ignore_errors=True)
         raise
     if processes().is_main_process:
         _move_into_place(staging, out, force)
+        if saved is not None:  # the run is done: its checkpoint is not needed
+            shutil.rmtree(saved, ignore_errors=True)
     else:  # under `accelerate launch`, the first process writes the checkpoint
         shutil.rmtree(staging)
     return manifest
+
+
+def _with_options(fn, name, shards, out, resume, command):
+    """The recipe with its `shards` and `checkpoint` arguments filled in, and the
+    folder its run saves into (None for a recipe that cannot resume)."""
+    parameters = inspect.signature(fn).parameters
+    if shards is not None:
+        if "shards" not in parameters:
+            raise ValueError(f"The {name} recipe cannot train on shards.")
+        fn = functools.partial(fn, shards=shards)
+    if "checkpoint" not in parameters:
+        if resume is not None:
+            raise ValueError(f"The {name} recipe cannot resume a stopped run.")
+        return fn, None
+    if resume is not None:
+        folder = resumed_folder(resume, name, command)
+    else:
+        folder = out.parent / f"{out.name}.checkpoint"
+        if (folder / RUN_FILE).exists():
+            raise ValueError(
+                f"{folder} holds a stopped run: go on with --resume {folder}, or "
+                "delete it to start again."
+            )
+    state = processes()
+    state.wait_for_everyone()  # every process has looked before one writes
+    if state.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        record = {"recipe": name, "command": command}
+        (folder / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        print(f"saving the run every {CHECKPOINT_EVERY} steps in {folder}; if it "
+              f"stops, go on with --resume {folder}")  # fmt: skip
+    return functools.partial(fn, checkpoint=folder), folder
+
+
+def resumed_folder(resume, name, command) -> Path:
+    """The checkpoint folder `resume` names (the folder, or a file in it), checked:
+    saved by a run of recipe `name` with the same `command`."""
+    path = Path(resume)
+    if not path.exists():
+        raise ValueError(f"--resume {path}: no such checkpoint folder or file.")
+    folder = path if path.is_dir() else path.parent
+    try:
+        saved = json.loads((folder / RUN_FILE).read_text())
+        recipe, saved_command = saved["recipe"], saved["command"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ValueError(
+            f"{path} is not the checkpoint of a `sdscratch train` run (its "
+            f"{RUN_FILE} is missing or unreadable)."
+        ) from None
+    if recipe != name:
+        raise ValueError(
+            f"{path} is a checkpoint of the {recipe} recipe, not of {name}: "
+            f"`{saved_command} --resume {folder}` goes on with it."
+        )
+    if saved_command != command:
+        raise ValueError(
+            f"{path} was saved by `{saved_command}`: resume it with the same options."
+        )
+    return folder
 
 
 def _measured(fn, out, seed, steps) -> tuple[float, dict, dict]:
@@ -217,6 +298,18 @@ def _move_into_place(staging: Path, out: Path, force: bool):
     out.rename(old)
     staging.rename(out)
     shutil.rmtree(old)
+
+
+def shard_batches(shards, count, batch_size, seed, size=32):
+    """Batches of (images (B, 3, size, size), captions) streamed from the tar shards
+    in `shards` (`sdscratch.shards.ShardStream`), enough to hold `count` images,
+    and the stream (its `report()` says what it skipped).
+
+    The recipes that render their Shapes scenes once, before training (ldm, pixel),
+    read this many images once from the shards instead.
+    """
+    stream = ShardStream(shards, batch_size, size=size, seed=seed)
+    return itertools.islice(stream, -(-count // batch_size)), stream
 
 
 def mean_of_last(losses, n) -> float:

@@ -7,7 +7,13 @@ it stays fair to generated ones; checked on test scenes, which it never saw.
 import torch
 
 from sdscratch.checkpoint import save_component
-from sdscratch.recipes.common import mean_of_last, recipe, scenes_seed, seeded
+from sdscratch.recipes.common import (
+    mean_of_last,
+    recipe,
+    saving,
+    scenes_seed,
+    seeded,
+)
 from sdscratch.shapes.data import Shapes, collate
 from sdscratch.shapes.judge import (
     Judge,
@@ -25,7 +31,7 @@ JUDGE_NOVEL = False  # whether it also learns the novel heart and pink (fine-tun
 
 
 @recipe("judge", default_out="shapes-judge")
-def train_judge(out, seed, steps):
+def train_judge(out, seed, steps, checkpoint=None):
     """The attribute judge: `fit` on degraded training scenes, then its accuracy on
     the first JUDGE_HELDOUT test scenes, as they are and degraded."""
     config = JudgeConfig(image_size=JUDGE_IMAGE_SIZE, novel=JUDGE_NOVEL)
@@ -33,12 +39,13 @@ def train_judge(out, seed, steps):
         judge = Judge(config)
     scenes = scenes_seed("judge", seed)
     train = Shapes("train", JUDGE_IMAGE_SIZE, scenes, novel=JUDGE_NOVEL)
+    order = torch.Generator().manual_seed(seed)
     loader = torch.utils.data.DataLoader(
         train,
         batch_size=JUDGE_BATCH,
         shuffle=True,
         collate_fn=collate,
-        generator=torch.Generator().manual_seed(seed),
+        generator=order,
     )
     noise = rank_generator(seed + 1)  # each process its own degradations
 
@@ -47,7 +54,8 @@ def train_judge(out, seed, steps):
         return judge_loss(model, degrade(images, noise), scenes)
 
     steps = steps or JUDGE_STEPS
-    losses = fit(judge, loss_fn, loader, steps, lr=JUDGE_LR, warmup=50, desc="judge")
+    losses = fit(judge, loss_fn, loader, steps, lr=JUDGE_LR, warmup=50, desc="judge",
+                 generators=[order, noise], **saving(checkpoint))  # fmt: skip
     save_component(judge, out / "judge", config)
     test_seed = scenes_seed("judge", seed, "eval")
     test = Shapes("test", JUDGE_IMAGE_SIZE, test_seed, JUDGE_HELDOUT, novel=JUDGE_NOVEL)

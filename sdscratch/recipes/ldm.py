@@ -15,7 +15,14 @@ import torch
 from sdscratch.checkpoint import load_component, resolve, save_component, verify
 from sdscratch.clip import TextEncoder, TextEncoderConfig
 from sdscratch.pipeline import StableDiffusion, write_schedule
-from sdscratch.recipes.common import mean_of_last, recipe, scenes_seed, seeded
+from sdscratch.recipes.common import (
+    mean_of_last,
+    recipe,
+    saving,
+    scenes_seed,
+    seeded,
+    shard_batches,
+)
 from sdscratch.schedules import NoiseSchedule
 from sdscratch.shapes.data import Shapes
 from sdscratch.shapes.evaluate import evaluate_model
@@ -64,9 +71,18 @@ def encode_scenes(vae, tokenizer, count, batch_size=500, seed=0):
         means, stds (count, C, h, w) of the posterior q(z|x) (unscaled), ids (count, L).
     """
     train = Shapes("train", size=vae.config.sample_size, seed=seed)
+    batches = (
+        train.batch(range(start, min(start + batch_size, count)))[:2]
+        for start in range(0, count, batch_size)
+    )
+    return encode_batches(vae, tokenizer, batches)
+
+
+def encode_batches(vae, tokenizer, batches):
+    """(images (B, 3, H, W), captions) batches as VAE posteriors and token ids:
+    means, stds (N, C, h, w) of q(z|x) (unscaled) and ids (N, L), N in all."""
     means, stds, ids = [], [], []
-    for start in range(0, count, batch_size):
-        images, captions, _ = train.batch(range(start, min(start + batch_size, count)))
+    for images, captions in batches:
         with torch.no_grad():
             posterior = vae.encode(images)
         means.append(posterior.mean)
@@ -92,14 +108,19 @@ def load_ldm_parts():
 
 
 @recipe("ldm", default_out="shapes-ldm")
-def train_ldm(out, seed, steps):
+def train_ldm(out, seed, steps, checkpoint=None, shards=None):
     """Stable Diffusion on Shapes: a text-conditioned UNet on the bundled VAE's
-    latents, conditioned on the bundled text encoder, with caption dropout."""
+    latents, conditioned on the bundled text encoder, with caption dropout.
+
+    shards: a folder of tar shards (`sdscratch data shards`, e.g. one's own
+    captioned images) whose first images and captions it encodes and trains on,
+    as many as it would draw Shapes scenes, instead of those scenes.
+    """
     steps, cpu_start = steps or LDM_STEPS, time.process_time()
     vae, text_encoder, tokenizer, roots = load_ldm_parts()
     count = min(LDM_SCENES, steps * LDM_BATCH)
-    means, stds, ids = encode_scenes(  # (N, C, h, w), (N, L)
-        vae, tokenizer, count, seed=scenes_seed("ldm", seed)
+    (means, stds, ids), skipped = _training_latents(  # (N, C, h, w), (N, L)
+        vae, tokenizer, count, seed, shards
     )
     schedule = NoiseSchedule.scaled_linear()
     width = text_encoder.config.hidden_size
@@ -108,7 +129,9 @@ def train_ldm(out, seed, steps):
         unet = UNet(config)
     posteriors = (means, stds, vae.config.scaling_factor)
     text = (ids, tokenizer([""]), text_encoder)  # the empty caption: (1, L)
-    ema, losses = _fit_latent_unet(unet, schedule, posteriors, text, steps, seed)
+    ema, losses = _fit_latent_unet(
+        unet, schedule, posteriors, text, steps, seed, checkpoint
+    )
     save_component(ema, out / "unet", config, dtype=torch.float16)
     for name, root in roots.items():
         shutil.copytree(root / name, out / name, dirs_exist_ok=True)  # the same bytes
@@ -118,17 +141,31 @@ def train_ldm(out, seed, steps):
     pipe = StableDiffusion(stored, vae, text_encoder, tokenizer, schedule)
     eval_seed = scenes_seed("ldm", seed, "eval")
     quality = measure_ldm(pipe, seed, n=min(LDM_EVAL, 10 * steps), scenes=eval_seed)
+    quality |= skipped
     return quality | {
         "steps": steps,
         "batch_size": LDM_BATCH,
-        "training_scenes": count,
+        "training_scenes": len(means),
         "final_loss": round(mean_of_last(losses, 100), 4),
         "parameters": sum(p.numel() for p in unet.parameters()),
         "cpu_seconds_training": round(training_cpu),  # summed over threads
     }
 
 
-def _fit_latent_unet(unet, schedule, posteriors, text, steps, seed):
+def _training_latents(vae, tokenizer, count, seed, shards=None):
+    """The posteriors and token ids of the first `count` training scenes, or of
+    about as many images from `shards`; and what the shards skipped (a dict for
+    the manifest, empty without shards)."""
+    if shards is None:
+        scenes = scenes_seed("ldm", seed)
+        return encode_scenes(vae, tokenizer, count, seed=scenes), {}
+    size = vae.config.sample_size
+    batches, stream = shard_batches(shards, count, LDM_BATCH, seed, size)
+    encoded = encode_batches(vae, tokenizer, batches)
+    return encoded, {"shards_skipped": stream.report()}
+
+
+def _fit_latent_unet(unet, schedule, posteriors, text, steps, seed, checkpoint=None):
     """`fit` the UNet on fresh posterior samples of the encoded scenes, with
     LDM_DROPOUT of the captions replaced by the empty one; return its EMA model
     and the losses.
@@ -138,6 +175,7 @@ def _fit_latent_unet(unet, schedule, posteriors, text, steps, seed):
         text: token ids (N, L) of the captions, of the empty caption (1, L), and
             the frozen text encoder.
         seed: of the one generator of batches, latent samples, dropout and noise.
+        checkpoint: a folder to save the run in and resume it from, or None.
     """
     (means, stds, scale), (ids, empty, text_encoder) = posteriors, text
     generator = rank_generator(seed)  # each process its own batches and noise
@@ -159,7 +197,8 @@ def _fit_latent_unet(unet, schedule, posteriors, text, steps, seed):
 
     ema = EMA(unet, decay=LDM_EMA)
     losses = fit(unet, loss_fn, batches(), steps, lr=LDM_LR,
-                 warmup=min(LDM_WARMUP, steps // 10), ema=ema, desc="ldm")  # fmt: skip
+                 warmup=min(LDM_WARMUP, steps // 10), ema=ema, desc="ldm",
+                 generators=[generator], **saving(checkpoint))  # fmt: skip
     return ema.model, losses
 
 

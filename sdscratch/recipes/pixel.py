@@ -19,8 +19,10 @@ from sdscratch.recipes.common import (
     first_scenes,
     mean_of_last,
     recipe,
+    saving,
     scenes_seed,
     seeded,
+    shard_batches,
 )
 from sdscratch.samplers import sample
 from sdscratch.schedules import NoiseSchedule
@@ -59,26 +61,30 @@ def pixel_unet_config(cross_attention_dim=None):
 
 
 @recipe("pixel-uncond", default_out="shapes-pixel-uncond")
-def pixel_uncond(out, seed, steps):
+def pixel_uncond(out, seed, steps, checkpoint=None, shards=None):
     """An unconditional UNet on 32×32 Shapes pixels with SD v1's noise schedule.
 
     DDPM loss, EMA weights saved in float16 to `out/unet`. Quality: held-out loss,
     FID of samples (judge features) next to the real-vs-real floor, and the share of
     the samples' pixels that are the background or one of the six colours.
+    shards: a folder of tar shards whose first images it trains on (as many as it
+    would draw Shapes scenes) instead of those scenes.
     """
     steps = steps or PIXEL_STEPS
     config, schedule = pixel_unet_config(), NoiseSchedule.scaled_linear()
     with seeded(seed):  # the initial weights
         unet = UNet(config)
     count = min(PIXEL_SCENES, PIXEL_BATCH * steps)
-    images = first_scenes("train", count, scenes_seed("pixel-uncond", seed))[0]
-    ema, losses = _train_pixel_unet(unet, schedule, images, None, steps, seed)
+    images, _, skipped = _training_scenes("pixel-uncond", count, seed, shards)
+    ema, losses = _train_pixel_unet(
+        unet, schedule, images, None, steps, seed, checkpoint=checkpoint
+    )
     save_component(ema, out / "unet", config, dtype=torch.float16)
     bundled = load_component(out / "unet", UNet, UNetConfig)  # as stored
     eps_fn = bundled  # unconditional: ε̂ = unet(x, t)
     val_seed = scenes_seed("pixel-uncond", seed, "eval")
     quality, _ = _pixel_quality(bundled, schedule, seed, val_seed, eps_fn)
-    return {
+    return skipped | {
         "steps": steps,
         "batch_size": PIXEL_BATCH,
         "parameters": sum(p.numel() for p in unet.parameters()),
@@ -88,7 +94,7 @@ def pixel_uncond(out, seed, steps):
 
 
 @recipe("pixel-text", default_out="shapes-pixel-text")
-def pixel_text(out, seed, steps):
+def pixel_text(out, seed, steps, checkpoint=None, shards=None):
     """A text-conditioned UNet on 32×32 Shapes pixels.
 
     Its cross-attention reads the hidden states of shapes-clip's frozen text
@@ -96,6 +102,8 @@ def pixel_text(out, seed, steps):
     empty prompt CAPTION_DROPOUT of the time, so that one model also predicts the
     unconditional noise: classifier-free guidance (Ho & Salimans 2022). Quality
     adds the judge's prompt accuracy of guided samples of evaluation prompts.
+    shards: a folder of tar shards whose first captioned images it trains on (as
+    many as it would draw Shapes scenes) instead of those scenes.
     """
     steps = steps or PIXEL_TEXT_STEPS
     encode = _copy_text_encoder(resolve("shapes-clip"), out)
@@ -105,15 +113,14 @@ def pixel_text(out, seed, steps):
     with seeded(seed):  # the initial weights
         unet = UNet(config)
     count = min(PIXEL_SCENES, PIXEL_BATCH * steps)
-    scenes_of = scenes_seed("pixel-text", seed)
-    images, captions, _ = first_scenes("train", count, scenes_of)
+    images, captions, skipped = _training_scenes("pixel-text", count, seed, shards)
     contexts = encode(captions)  # (N, L, D), the frozen encoder's
     ema, losses = _train_pixel_unet(
-        unet, schedule, images, contexts, steps, seed, empty=hidden[0]
+        unet, schedule, images, contexts, steps, seed, hidden[0], checkpoint
     )
     save_component(ema, out / "unet", config, dtype=torch.float16)
     bundled = load_component(out / "unet", UNet, UNetConfig)  # as stored
-    return {
+    return skipped | {
         "steps": steps,
         "batch_size": PIXEL_BATCH,
         "caption_dropout": CAPTION_DROPOUT,
@@ -122,6 +129,19 @@ def pixel_text(out, seed, steps):
         "guidance_scale": GUIDANCE,
         **_guided_quality(bundled, schedule, seed, encode, hidden),
     }
+
+
+def _training_scenes(name, count, seed, shards=None):
+    """The first `count` training scenes of recipe `name` (images (N, 3, 32, 32)
+    and captions), or about as many images and captions from `shards`; and what
+    the shards skipped (a dict for the manifest, empty without shards)."""
+    if shards is None:
+        images, captions, _ = first_scenes("train", count, scenes_seed(name, seed))
+        return images, captions, {}
+    batches, stream = shard_batches(shards, count, PIXEL_BATCH, seed)
+    images, captions = zip(*batches)  # B-image tensors, B-caption lists
+    captions = [caption for batch in captions for caption in batch]
+    return torch.cat(images), captions, {"shards_skipped": stream.report()}
 
 
 def _guided_quality(unet, schedule, seed, encode, hidden) -> dict:
@@ -166,18 +186,22 @@ def guided(unet, context, empty, scale):
     return classifier_free_guidance(unet, context, empty.expand_as(context), scale)
 
 
-def _train_pixel_unet(unet, schedule, images, contexts, steps, seed, empty=None):
+def _train_pixel_unet(
+    unet, schedule, images, contexts, steps, seed, empty=None, checkpoint=None
+):
     """`fit` the UNet on (images, contexts) batches; return its EMA and the losses.
 
     contexts: (N, L, D) text hidden states, one per image, or None (unconditional).
     empty: (L, D) the empty prompt's, put in place of CAPTION_DROPOUT of contexts.
+    checkpoint: a folder to save the run in and resume it from, or None.
     """
     tensors = (images,) if contexts is None else (images, contexts)
+    order = torch.Generator().manual_seed(seed)
     batches = DataLoader(
         TensorDataset(*tensors),
         batch_size=PIXEL_BATCH,
         shuffle=True,
-        generator=torch.Generator().manual_seed(seed),
+        generator=order,
         drop_last=len(images) > PIXEL_BATCH,
     )
     noise = rank_generator(seed + 1)  # each process its own noise
@@ -191,7 +215,8 @@ def _train_pixel_unet(unet, schedule, images, contexts, steps, seed, empty=None)
 
     ema = EMA(unet, decay=0.98)
     warmup = min(30, steps // 10)
-    losses = fit(unet, loss_fn, batches, steps, PIXEL_LR, ema, warmup=warmup)
+    losses = fit(unet, loss_fn, batches, steps, PIXEL_LR, ema, warmup=warmup,
+                 generators=[order, noise], **saving(checkpoint))  # fmt: skip
     return ema.model, losses
 
 

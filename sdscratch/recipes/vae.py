@@ -12,6 +12,7 @@ from sdscratch.recipes.common import (
     first_scenes,
     mean_of_last,
     recipe,
+    saving,
     scenes_seed,
     seeded,
 )
@@ -32,11 +33,12 @@ VAE_VAL_SCENES = 500  # held-out scenes (val split) for the PSNR in the manifest
 
 
 @recipe("vae", default_out="shapes-vae")
-def train_vae(out, seed, steps, shards=None):
+def train_vae(out, seed, steps, shards=None, checkpoint=None):
     """The course's small AutoencoderKL, trained on Shapes: squared error + tiny KL.
 
     shards: a folder of tar shards (`sdscratch data shards`, Shapes or one's own
     images) to stream the training images from, instead of drawing Shapes.
+    checkpoint: a folder to save the run in and resume it from (`run_recipe`).
     """
     steps = steps or VAE_STEPS
     generator = torch.Generator().manual_seed(seed)  # the order, on every process
@@ -58,6 +60,8 @@ def train_vae(out, seed, steps, shards=None):
         lr=VAE_LR,
         warmup=min(VAE_WARMUP, steps // 10),
         desc="vae",
+        generators=[generator, noise],
+        **saving(checkpoint),
     )
     if shards is None:
         images = first_scenes("train", VAE_SCALE_SCENES, train.seed, train.size)[0]
