@@ -84,6 +84,7 @@ def cmd_generate(args):
         negative_prompt=args.negative_prompt,
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
+        guidance_rescale=args.guidance_rescale,
         sampler=args.sampler,
         karras=args.karras,
         generator=torch.Generator().manual_seed(args.seed),
@@ -159,6 +160,13 @@ def add_generate_command(commands):
         type=non_negative_float,
         default=7.5,
         help="classifier-free guidance scale (default: 7.5)",
+    )
+    generate.add_argument(
+        "--guidance-rescale",
+        type=fraction,
+        default=0.0,
+        help="guidance rescale φ, 0 to 1 (default: 0, off; 0.7 tames a large "
+        "--guidance)",
     )
     generate.add_argument(
         "--sampler", choices=SAMPLERS, default="ddim", help="default: ddim"

@@ -43,6 +43,7 @@ from sdscratch.loading import (
 from sdscratch.pipeline_inputs import (
     as_tensor,
     check_choice,
+    check_fraction,
     check_numbers,
     check_prompts,
     latent_mask,
@@ -222,15 +223,20 @@ class StableDiffusion:
         hidden = self.text_encoder(ids)  # (2B, L, D)
         return hidden[: len(prompts)], hidden[len(prompts) :]
 
-    def guided_noise(self, context, uncond_context, guidance_scale, unet=None):
+    def guided_noise(
+        self, context, uncond_context, guidance_scale, unet=None, guidance_rescale=0.0
+    ):
         """Step 4's noise prediction with classifier-free guidance: this UNet's
-        (or `unet`'s, e.g. a ControlNet-steered one) `classifier_free_guidance`.
+        (or `unet`'s, e.g. a ControlNet-steered one) `classifier_free_guidance`,
+        rescaled by `guidance_rescale` (φ of `rescale_guidance`).
 
         Returns:
             `eps_fn(x_t, t) -> ε̃` for `sample`.
         """
         unet = self.unet if unet is None else unet
-        return classifier_free_guidance(unet, context, uncond_context, guidance_scale)
+        return classifier_free_guidance(
+            unet, context, uncond_context, guidance_scale, guidance_rescale
+        )
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, generator=None) -> torch.Tensor:
@@ -261,6 +267,7 @@ class StableDiffusion:
         callback=None,
         output_type="pil",
         progress=False,
+        guidance_rescale=0.0,
         image=None,
         controlnet=None,
         controlnet_conditioning_scale=1.0,
@@ -283,6 +290,8 @@ class StableDiffusion:
             output_type: "pil" (a list of N PIL images), "pt" ((N, 3, H, W) in
                 [-1, 1]) or "latent" (the final scaled latents, (N, C, h, w)).
             progress: show a progress bar over the steps.
+            guidance_rescale: φ in [0, 1] of guidance rescale (Lin et al. 2023,
+                `rescale_guidance`; 0: off, diffusers suggests 0.7 at large w).
             image: with `controlnet`, the control image(s) whose layout the images
                 follow: PIL, 1 or B of them, or a tensor (B, 3, H, W) in [0, 1];
                 resized (with a warning) to the images' size.
@@ -307,6 +316,7 @@ class StableDiffusion:
             callback=callback,
             output_type=output_type,
             progress=progress,
+            guidance_rescale=guidance_rescale,
             control=control,
         )
 
@@ -360,6 +370,7 @@ class StableDiffusion:
         callback=None,
         output_type="pil",
         progress=False,
+        guidance_rescale=0.0,
         control=None,
     ):
         """The six steps, for all three tasks (arguments as `__call__`'s; `control`
@@ -367,6 +378,7 @@ class StableDiffusion:
         prompts, negatives = check_prompts(prompt, negative_prompt)
         check_numbers(num_inference_steps, guidance_scale, num_images_per_prompt)
         check_choice(output_type, OUTPUT_TYPES, "output_type")
+        check_fraction(guidance_rescale, "guidance_rescale")
         noise_levels(sampler, num_inference_steps, self.schedule, karras)  # checks
         if image is not None:
             img2img_start(num_inference_steps, strength)  # checks strength
@@ -388,7 +400,7 @@ class StableDiffusion:
         # 4. the denoising loop: the UNet with guidance, then a sampler step (none
         #    if the strength is too small for one: then the image's latent stays)
         latents = sample(
-            self.guided_noise(context, uncond, guidance_scale, unet),
+            self.guided_noise(context, uncond, guidance_scale, unet, guidance_rescale),
             noise,
             sampler,
             num_inference_steps,

@@ -50,6 +50,12 @@ def check_numbers(num_inference_steps, guidance_scale, num_images_per_prompt):
         )
 
 
+def check_fraction(value, name):
+    """One ValueError unless `value` is a number from 0 to 1."""
+    if not isinstance(value, numbers.Real) or not 0 <= value <= 1:
+        raise ValueError(f"{name} must be between 0 and 1, got {value!r}.")
+
+
 def is_int(value) -> bool:
     """A whole number, and not a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)

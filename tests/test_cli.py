@@ -124,6 +124,14 @@ def test_generate_n_images_makes_a_grid_and_a_seed_repeats(checkpoint, tmp_path)
     assert out.read_bytes() != first
 
 
+def test_generate_guidance_rescale_changes_the_image(checkpoint, tmp_path):
+    args = ["a big blue star", "--model", checkpoint, "--steps", 3, "--guidance", 12]
+    plain, rescaled = tmp_path / "plain.png", tmp_path / "rescaled.png"
+    assert generate(*args, "-o", plain)[0] == 0
+    assert generate(*args, "--guidance-rescale", 0.7, "-o", rescaled)[0] == 0
+    assert plain.read_bytes() != rescaled.read_bytes()
+
+
 def test_generate_never_overwrites_without_force(checkpoint, tmp_path):
     out = tmp_path / "kept.png"
     out.write_bytes(b"precious")
@@ -150,6 +158,8 @@ BAD_ARGUMENTS = {
     "steps not a number": (["--steps", "many"], "invalid positive_int value"),
     "guidance < 0": (["--guidance", -1], "must be 0 or more"),
     "guidance nan": (["--guidance", "nan"], "must be 0 or more"),
+    "guidance rescale > 1": (["--guidance-rescale", 1.5], "must be between 0 and 1"),
+    "guidance rescale nan": (["--guidance-rescale", "nan"], "between 0 and 1"),
     "strength > 1": (["--strength", 2], "between 0 and 1"),
     "seed < 0": (["--seed", -1], "between 0 and 2**64 - 1"),
     "n 0": (["-n", 0], "must be 1 or more"),

@@ -217,6 +217,31 @@ def mean_gradient(grads, counts):
     return (grads * counts[:, None]).sum(0) / counts.sum()
 
 
+def resblock_parameters(in_channels, out_channels, time_dim):
+    convs = 9 * in_channels * out_channels + 9 * out_channels * out_channels
+    count = convs + 2 * out_channels  # two 3×3 convolutions, with their biases
+    count += 2 * in_channels + 2 * out_channels  # two GroupNorms: scale and shift
+    count += time_dim * out_channels + out_channels  # the time projection
+    if in_channels != out_channels:
+        count += in_channels * out_channels + out_channels  # the 1×1 shortcut
+    return count
+
+
+def bytes_in(model, dtype):
+    return sum(p.numel() for p in model.parameters()) * torch.finfo(dtype).bits // 8
+
+
+def compvis_name(key, layers_per_block, renames, first=1):
+    side, level, _, index, rest = key.split(".", 4)
+    part, end = rest.rsplit(".", 1)
+    slots = layers_per_block + 1
+    if side == "down_blocks":
+        row = f"input_blocks.{first + int(level) * slots + int(index)}"
+    else:
+        row = f"output_blocks.{int(level) * slots + int(index)}"
+    return f"model.diffusion_model.{row}.0.{renames[part]}.{end}"
+
+
 RIGHT = {
     "add_noise": add_noise, "snr": snr, "diffusion_loss": diffusion_loss,
     "ddpm_step": ddpm_step, "ddim_step": ddim_step, "karras_sigmas": karras_sigmas,
@@ -234,6 +259,8 @@ RIGHT = {
     "psnr_db": psnr_db, "downsample_mask": downsample_mask,
     "rank_batch": rank_batch, "shard_split": shard_split,
     "mean_gradient": mean_gradient,
+    "resblock_parameters": resblock_parameters, "bytes_in": bytes_in,
+    "compvis_name": compvis_name,
 }  # fmt: skip
 
 # ----------------------------------------------------------------------------------
@@ -341,6 +368,19 @@ WRONG = [
     ("mean_gradient", lambda g, c: g.mean(0), "weight each process's gradient"),
     ("mean_gradient", lambda g, c: (g * c[:, None]).sum(0) / len(c),
      "not of processes"),
+    ("resblock_parameters", lambda i, o, t: resblock_parameters(i, o, t)
+     - (i * o + o if i != o else 0), "1×1 convolution"),
+    ("resblock_parameters", lambda i, o, t: resblock_parameters(i, o, t)
+     - t * o - o, "time vector"),
+    ("bytes_in", lambda m, d: sum(p.numel() for p in m.parameters())
+     * torch.finfo(d).bits, "bytes, not bits"),
+    ("bytes_in", lambda m, d: sum(p.numel() * p.element_size()
+                                  for p in m.parameters()), "not of the model's"),
+    ("compvis_name", lambda k, n, r: compvis_name(k, n, r).removeprefix(
+        "model.diffusion_model."), "UNet's prefix"),
+    ("compvis_name", lambda k, n, r: compvis_name(k, n - 1, r) if k.startswith(
+        "down") else compvis_name(k, n, r), "layers_per_block + 1 slots"),
+    ("compvis_name", lambda k, n, r: compvis_name(k, n, r, first=0), "conv_in"),
 ]  # fmt: skip
 
 

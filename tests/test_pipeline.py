@@ -19,7 +19,7 @@ from diffusers import (
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from conftest import randomise
+from conftest import diffusers_of, randomise
 from sdscratch.checkpoint import CheckpointError, write_manifest
 from sdscratch.pipeline import (
     StableDiffusion,
@@ -284,6 +284,22 @@ def test_guidance_rescale_equals_diffusers_rescale_noise_cfg(pipe):
     assert (rescale_guidance(guided, eps_text, 0.7) - guided).abs().max() > 1e-3
 
 
+def test_guidance_rescale_option_equals_diffusers_pipeline(bundled):
+    reference = diffusers_of(bundled)
+    prompts = ["a large red circle above a small blue square", "a small yellow star"]
+    options = dict(guidance_scale=12.0, num_inference_steps=4, output_type="pt")
+    images = {}
+    for phi in (0.0, 0.7):
+        options["guidance_rescale"] = phi
+        ours = bundled(prompts, generator=torch.Generator().manual_seed(7), **options)
+        theirs = reference(
+            prompts, generator=torch.Generator().manual_seed(7), **options
+        ).images
+        assert (as_pixels(ours) - theirs).abs().max() <= 1e-4
+        images[phi] = ours
+    assert (images[0.7] - images[0.0]).abs().max() > 0.05  # the option matters
+
+
 def test_same_seed_gives_bit_identical_images_and_another_seed_does_not(pipe):
     def run(seed):
         generator = torch.Generator().manual_seed(seed)
@@ -376,6 +392,10 @@ BAD_CALLS = {
     "karras with ddim": (lambda p: p("a", karras=True), "Karras sigmas need"),
     "no images": (lambda p: p("a", num_images_per_prompt=0), "num_images_per_prompt"),
     "unknown output type": (lambda p: p("a", output_type="np"), "output_type"),
+    "guidance_rescale > 1": (
+        lambda p: p("a", guidance_rescale=1.5), "guidance_rescale must be between 0"),
+    "guidance_rescale not a number": (
+        lambda p: p("a", guidance_rescale="0.7"), "guidance_rescale must be between 0"),
     "strength > 1": (lambda p: p.img2img("a", IMAGE, strength=1.5), "between 0 and 1"),
     "strength < 0": (lambda p: p.img2img("a", IMAGE, strength=-0.1), "between 0 and 1"),
     "image not an image": (lambda p: p.img2img("a", "x.png"), "image must be a PIL"),

@@ -21,6 +21,11 @@ from sdscratch.exercises.attention import (
     reference_causal_softmax,
     reference_cross_attention,
 )
+from sdscratch.exercises.checkpoints import (
+    check_bytes_in,
+    check_compvis_name,
+    check_resblock_parameters,
+)
 from sdscratch.exercises.compare import NOT_DONE
 from sdscratch.exercises.diffusion import (
     check_add_noise,
@@ -86,8 +91,10 @@ __all__ = [
     "yours_or_ours",
     "check_add_noise",
     "check_attention",
+    "check_bytes_in",
     "check_causal_softmax",
     "check_clip_scores",
+    "check_compvis_name",
     "check_contrastive_loss",
     "check_cross_attention",
     "check_ddim_step",
@@ -113,6 +120,7 @@ __all__ = [
     "check_rank_batch",
     "check_reparameterize",
     "check_resblock",
+    "check_resblock_parameters",
     "check_rescale_guidance",
     "check_scaled_linear_betas",
     "check_shard_split",
