@@ -44,7 +44,7 @@ def make_grid(images: torch.Tensor, ncols=None, pad=1) -> torch.Tensor:
 
 
 def image_grid(
-    images: torch.Tensor, captions=None, ncols=None, size=1.6, fontsize=7, title=None
+    images: torch.Tensor, captions=None, ncols=None, size=1.6, fontsize=9, title=None
 ) -> plt.Figure:
     """Show images in a grid, each with its caption underneath.
 
@@ -53,6 +53,7 @@ def image_grid(
         captions: B strings (wrapped to fit), or None.
         ncols: images per row (default: about square).
         size: inches per image.
+        fontsize: of the captions, in points (9 points: 10 pixels at 80 dpi).
     Returns:
         The matplotlib figure (shown inline in a notebook).
     """
@@ -61,7 +62,9 @@ def image_grid(
         raise ValueError(f"Got {len(captions)} captions for {b} images.")
     ncols = min(ncols or math.ceil(math.sqrt(b)), b)
     nrows = math.ceil(b / ncols)
-    text_height = 0.35 if captions is not None else 0.0
+    wrapped = [_wrap(text, size, fontsize) for text in captions or []]
+    lines = max((text.count("\n") + 1 for text in wrapped), default=0)
+    text_height = lines * fontsize / 72 * 1.3  # inches under each image
     fig, axes = plt.subplots(
         nrows,
         ncols,
@@ -74,19 +77,18 @@ def image_grid(
         if i >= b:
             continue
         ax.imshow(pixels[i], interpolation="nearest")
-        if captions is not None:
-            ax.set_title(
-                _wrap(captions[i], size), fontsize=fontsize, y=-0.02, va="top", pad=0
-            )
+        if wrapped:
+            ax.set_title(wrapped[i], fontsize=fontsize, y=-0.02, va="top", pad=0)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
     return fig
 
 
-def _wrap(text: str, size: float) -> str:
-    """Break a caption into lines that fit under an image `size` inches wide."""
-    width, lines, line = int(size * 14), [], ""
+def _wrap(text: str, size: float, fontsize=7) -> str:
+    """Break a caption into lines that fit under an image `size` inches wide, at
+    `fontsize` points (a character is about 0.6 times as wide as the font is high)."""
+    width, lines, line = int(size * 72 / (fontsize * 0.6)), [], ""
     for word in text.split():
         if line and len(line) + 1 + len(word) > width:
             lines.append(line)
