@@ -262,6 +262,9 @@ def cmd_train(args):
         steps=args.steps,
         force=args.force,
         shards=args.shards,
+        options=dict(
+            base=args.base, control=args.control, connections=args.connections
+        ),
     )
     print(f"trained in {manifest['wall_time_seconds']:.0f} s: {manifest['quality']}")
 
@@ -470,6 +473,20 @@ def build_parser() -> Parser:
         "--force",
         action="store_true",
         help="replace --out if it holds files (when the run ends)",
+    )
+    train.add_argument(
+        "--base", help="controlnet: the latent model to steer (default: shapes-ldm)"
+    )
+    train.add_argument(
+        "--control",
+        choices=("outline", "mask"),
+        help="controlnet: the control images, edge maps or filled layout masks "
+        "(default: outline)",
+    )
+    train.add_argument(
+        "--connections",
+        choices=("zero", "random"),
+        help="controlnet: zero convolutions (default) or randomly initialised ones",
     )
     train.set_defaults(func=cmd_train)
     add_evaluate_command(commands)

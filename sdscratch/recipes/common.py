@@ -63,6 +63,7 @@ SCENES_FOLLOW_SEED = {
     "pixel-uncond": (True, True),
     "pixel-text": (True, True),
     "ldm": (False, True),
+    "controlnet": (False, True),
 }
 
 # The keys of every recipe's MANIFEST.json (tests/test_recipes.py checks the bundled).
@@ -124,7 +125,9 @@ def first_scenes(split, n, seed=COURSE_SCENES) -> tuple[torch.Tensor, list, list
     return Shapes(split, seed=seed, length=n).batch(range(n))
 
 
-def run_recipe(name, out=None, seed=0, steps=None, force=False, shards=None) -> dict:
+def run_recipe(
+    name, out=None, seed=0, steps=None, force=False, shards=None, options=None
+) -> dict:
     """Run a registered recipe, then write MANIFEST.json; return the manifest.
 
     The recipe writes into a new hidden folder beside `out`, which takes its place
@@ -140,6 +143,8 @@ def run_recipe(name, out=None, seed=0, steps=None, force=False, shards=None) -> 
         force: replace `out` if it holds anything.
         shards: a folder of tar shards to stream the training images from
             (recipes with a `shards` argument: vae).
+        options: {argument: value} of the recipe's own (controlnet: base,
+            control, connections); None values are left to the recipe.
     """
     if name not in RECIPES:
         raise ValueError(f"Unknown recipe {name!r}; choose one of {sorted(RECIPES)}.")
@@ -148,10 +153,18 @@ def run_recipe(name, out=None, seed=0, steps=None, force=False, shards=None) -> 
         if "shards" not in inspect.signature(fn).parameters:
             raise ValueError(f"The {name} recipe cannot train on shards.")
         fn = functools.partial(fn, shards=shards)
+    options = {key: value for key, value in (options or {}).items()
+               if value is not None}  # fmt: skip
+    for key in options:
+        if key not in inspect.signature(fn).parameters:
+            raise ValueError(f"The {name} recipe takes no --{key}.")
+    fn = functools.partial(fn, **options)
     command = ["python", "-m", "sdscratch", "train", name, "--seed", str(seed)]
     command += ["--steps", str(steps)] if steps is not None else []
     command += ["--out", str(out)] if out else []
     command += ["--shards", str(shards)] if shards is not None else []
+    for key, value in options.items():
+        command += [f"--{key}", str(value)]
     out = Path(out) if out else TRAINED / default_out
     _check_out(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
