@@ -114,12 +114,14 @@ def control_options(args, control, pipe, side) -> dict:
         raise ValueError("--control IMAGE and --controlnet FOLDER go together.")
     if args.init_image is not None:
         raise ValueError("--control steers text-to-image; drop --init-image.")
-    if not Path(args.controlnet).is_dir():
-        raise ValueError(f"--controlnet {args.controlnet}: no such folder.")
-    from sdscratch.checkpoint import load_component
+    from sdscratch.checkpoint import load_component, resolve, verify
     from sdscratch.controlnet import ControlNet, ControlNetConfig
+    from sdscratch.loading import is_path
 
-    controlnet = load_component(args.controlnet, ControlNet, ControlNetConfig)
+    folder = resolve(args.controlnet)  # a bundled name, or a folder
+    if not is_path(args.controlnet):
+        verify(folder)  # a bundled one: checked against its manifest
+    controlnet = load_component(folder, ControlNet, ControlNetConfig)
     return dict(
         image=decode_image(control, args.control, "RGB", side),
         controlnet=controlnet.to(pipe.device, pipe.dtype),
@@ -226,7 +228,9 @@ def add_generate_command(commands):
         "images follow; resized to the images' size",
     )
     generate.add_argument(
-        "--controlnet", help="ControlNet: the folder of a ControlNet for this model"
+        "--controlnet",
+        help="ControlNet: the folder of a ControlNet for this model, or a bundled "
+        "one (shapes-controlnet: outlines, for shapes-ldm)",
     )
     generate.add_argument(
         "--control-scale",
