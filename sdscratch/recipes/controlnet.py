@@ -29,12 +29,12 @@ from sdscratch.controlnet import ControlNet, ControlNetConfig, steered_unet
 from sdscratch.pipeline import StableDiffusion
 from sdscratch.recipes.common import mean_of_last, recipe, scenes_seed, seeded
 from sdscratch.shapes.controls import CONTROLS, draw_controls
-from sdscratch.shapes.data import Shapes
+from sdscratch.shapes.data import Shapes, canonical_caption
 from sdscratch.shapes.judge import check
 from sdscratch.shapes.outline import coverage_by_colour, outline_iou
 from sdscratch.train import diffusion_loss, fit, rank_generator
 
-CONTROLNET_STEPS = 600  # AdamW steps of CONTROLNET_BATCH latents
+CONTROLNET_STEPS = 2000  # AdamW steps of CONTROLNET_BATCH latents (~7 CPU minutes)
 CONTROLNET_BATCH = 32
 CONTROLNET_LR = 1e-3  # peak learning rate, after CONTROLNET_WARMUP steps
 CONTROLNET_WARMUP = 30
@@ -141,13 +141,15 @@ def encode_scenes(pipe, count, control, seed=0, batch_size=500):
     return [torch.cat(part) for part in zip(*parts)]
 
 
-def fit_controlnet(controlnet, pipe, data, steps, seed) -> list[float]:
+def fit_controlnet(controlnet, pipe, data, steps, seed, callback=None) -> list[float]:
     """`fit` the ControlNet: the frozen UNet, steered by it, predicts the noise of
     fresh posterior samples; CONTROLNET_DROPOUT of the captions are the empty one.
 
     Args:
         data: `encode_scenes`' means, stds, ids and controls.
         seed: of the one generator of batches, latent samples, dropout and noise.
+        callback: `callback(step, controlnet)` before each step, `step` of them
+            done (benchmarks/controlnet.py measures the training curve so).
     Returns:
         the loss of every step.
     """
@@ -159,7 +161,11 @@ def fit_controlnet(controlnet, pipe, data, steps, seed) -> list[float]:
         for _ in range(steps):
             yield torch.randint(0, len(means), (CONTROLNET_BATCH,), generator=generator)
 
+    done = iter(range(steps))
+
     def loss_fn(model, i):
+        if callback is not None:
+            callback(next(done), model)
         noise = torch.randn(means[i].shape, generator=generator)
         latents = (means[i] + stds[i] * noise) * scale  # a posterior sample, scaled
         drop = torch.rand(len(i), generator=generator) < CONTROLNET_DROPOUT
@@ -201,7 +207,8 @@ def control_iou(images, masks) -> torch.Tensor:
 def measure_controlnet(pipe, controlnet, control, n, seed, scenes=0, scale=1.0,
                        batch_size=100, **settings) -> dict:  # fmt: skip
     """Adherence and colour of images steered by a ControlNet, on the first n test
-    scenes: each scene's caption as the prompt, its control image as the control.
+    scenes: each scene's canonical caption as the prompt, its control image as the
+    control.
 
     Args:
         control: the kind of control the ControlNet reads ("outline", "mask").
@@ -213,7 +220,8 @@ def measure_controlnet(pipe, controlnet, control, n, seed, scenes=0, scale=1.0,
         have the colours the prompt names (the judge's reading), "prompt_accuracy":
         share right in every attribute}.
     """
-    _, captions, attrs = Shapes("test", seed=scenes, length=n).batch(range(n))
+    attrs = [Shapes("test", seed=scenes).scene(i)[1] for i in range(n)]
+    captions = [canonical_caption(scene) for scene in attrs]
     images = generate_steered(pipe, controlnet, captions, attrs, control, seed, scale,
                               batch_size, **settings)  # fmt: skip
     return adherence(images, attrs)
