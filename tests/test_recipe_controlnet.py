@@ -100,3 +100,46 @@ def test_bad_options_are_one_sentence_exit_2(tmp_path, arguments, message):
     code, _, err = run_cli("train", *arguments, "--steps", "1", "--out", tmp_path / "x")
     assert code == 2 and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "x").exists()
+
+
+# ----------------------------------------------------------------------------------
+# The bundled ControlNet
+
+
+@pytest.fixture(scope="module")
+def bundled_controlnet():
+    from sdscratch.checkpoint import resolve
+
+    folder = resolve("shapes-controlnet")
+    verify(folder)
+    return load_component(folder, ControlNet, ControlNetConfig), read_manifest(folder)
+
+
+def test_bundled_controlnet_draws_where_the_control_says(base, bundled_controlnet):
+    """With the empty prompt the base draws objects anywhere; steered by outlines,
+    it draws them where the outlines are."""
+    controlnet, manifest = bundled_controlnet
+    assert manifest["quality"]["base"] == "shapes-ldm"
+    attrs = [Shapes("test").scene(i)[1] for i in range(8)]
+    control = manifest["quality"]["control"]
+    empty = [""] * len(attrs)
+    steered = recipe.generate_steered(base, controlnet, empty, attrs, control, 0)
+    free = recipe.generate_steered(base, controlnet, empty, attrs, control, 0, 0.0)
+    masks = draw_controls(attrs, "mask")[:, 0]
+    iou = recipe.control_iou(steered, masks).mean()
+    assert iou > 0.6 and iou > 2 * recipe.control_iou(free, masks).mean()
+
+
+def test_cli_bundled_controlnet_resizes_another_size_once(tmp_path):
+    scene = Shapes("test", length=1)[0][2]
+    control = draw_controls([scene], "outline", 48)[0].permute(1, 2, 0).numpy()
+    Image.fromarray((control * 255).round().astype(np.uint8)).save(tmp_path / "c.png")
+    out = tmp_path / "out.png"
+    code, _, err = run_cli("generate", "a red circle", "--steps", "2", "--control",
+                           tmp_path / "c.png", "--controlnet", "shapes-controlnet",
+                           "-o", out)  # fmt: skip
+    assert code == 0 and Image.open(out).size == (32, 32)
+    assert err == (
+        "sdscratch: warning: The control image is 48×48 pixels; resized to 32×32, "
+        "the size of the images being made.\n"
+    )
