@@ -115,12 +115,14 @@ def control_options(args, control, pipe, side) -> dict:
         raise ValueError("--control IMAGE and --controlnet FOLDER go together.")
     if args.init_image is not None:
         raise ValueError("--control steers text-to-image; drop --init-image.")
-    if not Path(args.controlnet).is_dir():
-        raise ValueError(f"--controlnet {args.controlnet}: no such folder.")
-    from sdscratch.checkpoint import load_component
+    from sdscratch.checkpoint import load_component, resolve, verify
     from sdscratch.controlnet import ControlNet, ControlNetConfig
+    from sdscratch.loading import is_path
 
-    controlnet = load_component(args.controlnet, ControlNet, ControlNetConfig)
+    folder = resolve(args.controlnet)  # a bundled name, or a folder
+    if not is_path(args.controlnet):
+        verify(folder)  # a bundled one: checked against its manifest
+    controlnet = load_component(folder, ControlNet, ControlNetConfig)
     return dict(
         image=decode_image(control, args.control, "RGB", side),
         controlnet=controlnet.to(pipe.device, pipe.dtype),
@@ -234,7 +236,9 @@ def add_generate_command(commands):
         "images follow; resized to the images' size",
     )
     generate.add_argument(
-        "--controlnet", help="ControlNet: the folder of a ControlNet for this model"
+        "--controlnet",
+        help="ControlNet: the folder of a ControlNet for this model, or a bundled "
+        "one (shapes-controlnet: outlines, for shapes-ldm)",
     )
     generate.add_argument(
         "--control-scale",
@@ -271,6 +275,9 @@ def cmd_train(args):
         force=args.force,
         shards=args.shards,
         resume=args.resume,
+        options=dict(
+            base=args.base, control=args.control, connections=args.connections
+        ),
     )
     print(f"trained in {manifest['wall_time_seconds']:.0f} s: {manifest['quality']}")
 
@@ -486,6 +493,20 @@ def build_parser() -> Parser:
         "--force",
         action="store_true",
         help="replace --out if it holds files (when the run ends)",
+    )
+    train.add_argument(
+        "--base", help="controlnet: the latent model to steer (default: shapes-ldm)"
+    )
+    train.add_argument(
+        "--control",
+        choices=("outline", "mask"),
+        help="controlnet: the control images, edge maps or filled layout masks "
+        "(default: outline)",
+    )
+    train.add_argument(
+        "--connections",
+        choices=("zero", "random"),
+        help="controlnet: zero convolutions (default) or randomly initialised ones",
     )
     train.set_defaults(func=cmd_train)
     add_evaluate_command(commands)

@@ -215,11 +215,32 @@ def scale_residuals(down, mid, scale, guess_mode=False):
     return [residual * s for residual, s in zip(down, scales)], mid * scales[-1]
 
 
+def guidance_window(timesteps, start=0.0, end=1.0) -> dict:
+    """Which sampler steps a ControlNet steers: diffusers' `control_guidance_start`
+    and `control_guidance_end` (its `controlnet_keep`).
+
+    Step i of n is steered if start ≤ i/n and (i + 1)/n ≤ end: start = 0.2 leaves
+    the first fifth of the steps (where the layout forms) to the prompt alone,
+    end = 0.8 the last fifth (the details).
+
+    Args:
+        timesteps: (n,) the sampler's timesteps, in the order it takes them.
+        start, end: fractions of the steps, 0 ≤ start < end ≤ 1.
+    Returns:
+        {timestep: 1.0 (steered) or 0.0}.
+    """
+    n = len(timesteps)
+    keep = [1.0 - float(i / n < start or (i + 1) / n > end) for i in range(n)]
+    return dict(zip(timesteps.tolist(), keep))
+
+
 # ----------------------------------------------------------------------------------
 # Steering a UNet: what the pipeline calls
 
 
-def steered_unet(unet, controlnet, control, conditioning_scale=1.0, guess_mode=False):
+def steered_unet(
+    unet, controlnet, control, conditioning_scale=1.0, guess_mode=False, window=None
+):
     """The UNet steered by a ControlNet, with the UNet's own signature.
 
     Under classifier-free guidance `classifier_free_guidance` stacks the batch as
@@ -232,6 +253,9 @@ def steered_unet(unet, controlnet, control, conditioning_scale=1.0, guess_mode=F
         unet: a `UNet`; controlnet: a `ControlNet` made for it.
         control: (N, C, H, W) control images in [0, 1], row i for latent row i.
         conditioning_scale, guess_mode: as `ControlNet.forward`.
+        window: {timestep: 1 or 0} from `guidance_window`: the steps the
+            ControlNet steers (None: every step). At the others the UNet runs
+            alone, which is what a scale of 0 gives.
     Returns:
         `fn(x, t, context) -> ε̂` for x of N rows, or 2N (guidance).
     """
@@ -241,17 +265,18 @@ def steered_unet(unet, controlnet, control, conditioning_scale=1.0, guess_mode=F
         t = _batch_timesteps(t, x)  # (B,)
         if len(x) % n:
             raise ValueError(f"{len(x)} latents cannot share {n} control images.")
+        scale = conditioning_scale
+        if window is not None:
+            scale = scale * window[t[0].item()]
+            if scale == 0:  # x + 0 · residual is x: the UNet alone, exactly
+                return unet(x, t, context)
         if guess_mode and len(x) == 2 * n:
-            down, mid = controlnet(
-                x[n:], t[n:], context[n:], control, conditioning_scale, True
-            )
+            down, mid = controlnet(x[n:], t[n:], context[n:], control, scale, True)
             down = [torch.cat([torch.zeros_like(r), r]) for r in down]
             mid = torch.cat([torch.zeros_like(mid), mid])
         else:
             controls = torch.cat([control] * (len(x) // n))  # (B, C, H, W)
-            down, mid = controlnet(
-                x, t, context, controls, conditioning_scale, guess_mode
-            )
+            down, mid = controlnet(x, t, context, controls, scale, guess_mode)
         return unet(
             x,
             t,
@@ -266,12 +291,15 @@ def steered_unet(unet, controlnet, control, conditioning_scale=1.0, guess_mode=F
 @dataclass
 class Control:
     """The pipeline's control arguments, checked: a ControlNet, its control image,
-    `controlnet_conditioning_scale` and `guess_mode` (diffusers' names)."""
+    `controlnet_conditioning_scale`, `guess_mode`, `control_guidance_start` and
+    `control_guidance_end` (diffusers' names)."""
 
     controlnet: Any
     image: Any
     conditioning_scale: float = 1.0
     guess_mode: bool = False
+    guidance_start: float = 0.0
+    guidance_end: float = 1.0
 
     def __post_init__(self):
         if self.controlnet is None:
@@ -290,13 +318,22 @@ class Control:
             )
         if not isinstance(self.guess_mode, bool):
             raise ValueError(f"guess_mode must be a bool, got {self.guess_mode!r}.")
+        start, end = self.guidance_start, self.guidance_end
+        both_numbers = all(isinstance(v, numbers.Real) for v in (start, end))
+        if not (both_numbers and 0 <= start < end <= 1):
+            raise ValueError(
+                "control_guidance_start and control_guidance_end must be numbers "
+                f"with 0 <= start < end <= 1, got {start!r} and {end!r}."
+            )
 
-    def steer(self, unet, latent_shape, vae_scale_factor, images_per_prompt):
+    def steer(self, unet, latent_shape, vae_scale_factor, images_per_prompt,
+              timesteps=None):  # fmt: skip
         """`steered_unet` for latents of `latent_shape` (N, C, h, w), N = B · n.
 
         The ControlNet must fit the UNet and the VAE; the control images (1 or B)
         are resized to the picture's size if needed (said once), one row per
-        image made, as the prompts are.
+        image made, as the prompts are. `timesteps` (n,), the sampler's, place
+        the guidance window (None: every step steered).
         """
         check_fits(self.controlnet, unet, vae_scale_factor)
         total, _, h, w = latent_shape
@@ -312,9 +349,11 @@ class Control:
             images = images.repeat_interleave(images_per_prompt, 0)  # (N, C, H, W)
         parameter = next(self.controlnet.parameters())
         images = images.to(parameter.device, parameter.dtype)
-        return steered_unet(
-            unet, self.controlnet, images, self.conditioning_scale, self.guess_mode
-        )
+        window = None
+        if timesteps is not None and (self.guidance_start, self.guidance_end) != (0, 1):
+            window = guidance_window(timesteps, self.guidance_start, self.guidance_end)
+        return steered_unet(unet, self.controlnet, images, self.conditioning_scale,
+                            self.guess_mode, window)  # fmt: skip
 
 
 FITTING = ("in_channels", "block_out_channels", "layers_per_block",

@@ -272,6 +272,8 @@ class StableDiffusion:
         controlnet=None,
         controlnet_conditioning_scale=1.0,
         guess_mode=False,
+        control_guidance_start=0.0,
+        control_guidance_end=1.0,
     ):
         """Text-to-image: images of `prompt`, from pure noise.
 
@@ -299,11 +301,15 @@ class StableDiffusion:
             controlnet_conditioning_scale: how strongly it steers (0: not at all).
             guess_mode: the ControlNet steers the conditional half of guidance only
                 (diffusers' `guess_mode`).
+            control_guidance_start, control_guidance_end: the share of the steps
+                before which, and after which, the ControlNet does not steer
+                (`sdscratch.controlnet.guidance_window`).
         """
         control = None
         if controlnet is not None or image is not None:
             control = Control(controlnet, image, controlnet_conditioning_scale,
-                              guess_mode)  # fmt: skip
+                              guess_mode, control_guidance_start,
+                              control_guidance_end)  # fmt: skip
         return self._generate(
             prompt,
             negative_prompt=negative_prompt,
@@ -379,7 +385,7 @@ class StableDiffusion:
         check_numbers(num_inference_steps, guidance_scale, num_images_per_prompt)
         check_choice(output_type, OUTPUT_TYPES, "output_type")
         check_fraction(guidance_rescale, "guidance_rescale")
-        noise_levels(sampler, num_inference_steps, self.schedule, karras)  # checks
+        levels = noise_levels(sampler, num_inference_steps, self.schedule, karras)
         if image is not None:
             img2img_start(num_inference_steps, strength)  # checks strength
         n = num_images_per_prompt
@@ -396,7 +402,9 @@ class StableDiffusion:
         noise = randn(shape, generator, self.device, self.dtype)
         unet = self.unet  # or, with a ControlNet, the UNet it steers
         if control is not None:
-            unet = control.steer(self.unet, shape, self.vae_scale_factor, n)
+            unet = control.steer(
+                self.unet, shape, self.vae_scale_factor, n, levels.timesteps
+            )
         # 4. the denoising loop: the UNet with guidance, then a sampler step (none
         #    if the strength is too small for one: then the image's latent stays)
         latents = sample(

@@ -258,6 +258,9 @@ CASES = {
     "no guidance, half scale": dict(guidance_scale=1.0,
                                     controlnet_conditioning_scale=0.5),
     "two per prompt": dict(num_images_per_prompt=2, guidance_scale=5.0),
+    "guidance window": dict(control_guidance_start=0.25, control_guidance_end=0.75),
+    "late start, guess mode": dict(control_guidance_start=0.5, guess_mode=True),
+    "early end, no guidance": dict(control_guidance_end=0.5, guidance_scale=1.0),
 }  # fmt: skip
 
 
@@ -289,6 +292,20 @@ def test_scale_zero_is_the_pipeline_without_control(pipes):
                 controlnet_conditioning_scale=0.0,
                 generator=torch.Generator().manual_seed(1), **run)  # fmt: skip
     assert torch.equal(plain, zero)
+
+
+def test_a_window_without_steps_is_the_pipeline_without_control(pipes):
+    pipe, _, controlnet = pipes
+    run = dict(num_inference_steps=4, output_type="latent")
+    plain = pipe(PROMPTS, generator=torch.Generator().manual_seed(1), **run)
+    window = dict(control_guidance_start=0.1, control_guidance_end=0.2)  # 4 steps
+    steered = pipe(PROMPTS, image=outline(), controlnet=controlnet, **window,
+                   generator=torch.Generator().manual_seed(1), **run)  # fmt: skip
+    assert torch.equal(plain, steered)
+    window["control_guidance_end"] = 0.5  # step 1 of 0-3 steered
+    steered = pipe(PROMPTS, image=outline(), controlnet=controlnet, **window,
+                   generator=torch.Generator().manual_seed(1), **run)  # fmt: skip
+    assert (plain - steered).abs().max() > 1e-3
 
 
 def test_bfloat16_matches_diffusers_bfloat16(pipes):
@@ -337,6 +354,8 @@ BAD = {
     "three images": (dict(image="THREE", controlnet="OURS"), "3 control images"),
     "scale": (dict(image="OUTLINE", controlnet="OURS",
                    controlnet_conditioning_scale="1"), "must be a number"),
+    "window": (dict(image="OUTLINE", controlnet="OURS", control_guidance_start=0.6,
+                    control_guidance_end=0.4), "0 <= start < end <= 1"),
 }  # fmt: skip
 
 

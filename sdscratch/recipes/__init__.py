@@ -14,6 +14,7 @@ recipes run in 60 minutes or less on a 2-core CPU.
     clip    shapes-clip, the tokenizer, text encoder and image encoder
     pixel   shapes-pixel-uncond and shapes-pixel-text, UNets on pixels
     ldm     shapes-ldm, the latent text-to-image model
+    controlnet  shapes-controlnet, a ControlNet for shapes-ldm (outlines or masks)
 
 A recipe's constants live in its module (`sdscratch.recipes.judge.JUDGE_HELDOUT`).
 """
@@ -30,6 +31,7 @@ from sdscratch.recipes.common import (
     scenes_seed,
     seeded,
 )
+from sdscratch.recipes.controlnet import train_controlnet
 from sdscratch.recipes.judge import train_judge
 from sdscratch.recipes.ldm import (
     LDM_PARTS,
@@ -70,6 +72,7 @@ __all__ = [
     "seeded",
     "solid_colour_share",
     "train_clip",
+    "train_controlnet",
     "train_judge",
     "train_ldm",
     "train_vae",

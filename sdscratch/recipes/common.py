@@ -74,6 +74,7 @@ SCENES_FOLLOW_SEED = {
     "pixel-uncond": (True, True),
     "pixel-text": (True, True),
     "ldm": (False, True),
+    "controlnet": (False, True),
 }
 
 # The keys of every recipe's MANIFEST.json (tests/test_recipes.py checks the bundled).
@@ -144,7 +145,14 @@ def saving(checkpoint) -> dict:
 
 
 def run_recipe(
-    name, out=None, seed=0, steps=None, force=False, shards=None, resume=None
+    name,
+    out=None,
+    seed=0,
+    steps=None,
+    force=False,
+    shards=None,
+    resume=None,
+    options=None,
 ) -> dict:
     """Run a registered recipe, then write MANIFEST.json; return the manifest.
 
@@ -163,14 +171,24 @@ def run_recipe(
             (recipes with a `shards` argument: vae, ldm, pixel-uncond, pixel-text).
         resume: a stopped run's checkpoint folder (or a file in it) to go on
             from; the run's options must be those it was started with.
+        options: {argument: value} of the recipe's own (controlnet: base,
+            control, connections); None values are left to the recipe.
     """
     if name not in RECIPES:
         raise ValueError(f"Unknown recipe {name!r}; choose one of {sorted(RECIPES)}.")
     fn, default_out = RECIPES[name]
+    options = {key: value for key, value in (options or {}).items()
+               if value is not None}  # fmt: skip
+    for key in options:
+        if key not in inspect.signature(fn).parameters:
+            raise ValueError(f"The {name} recipe takes no --{key}.")
+    fn = functools.partial(fn, **options)
     command = ["python", "-m", "sdscratch", "train", name, "--seed", str(seed)]
     command += ["--steps", str(steps)] if steps is not None else []
     command += ["--out", str(out)] if out else []
     command += ["--shards", str(shards)] if shards is not None else []
+    for key, value in options.items():
+        command += [f"--{key}", str(value)]
     command = shlex.join(command)
     out = Path(out) if out else TRAINED / default_out
     _check_out(out, force)

@@ -10,6 +10,7 @@ package builds on them, and the recipes build on both.
     evaluate   prompt accuracy, FID and CLIP score of a text-to-image model
     zero_shot  the tiny CLIP's zero-shot accuracy on Shapes scenes
     outline    the outline measure: each object's pixels against the ideal outlines
+    controls   ControlNet's control images (outline, mask), drawn from the scenes
     labels     hand labels of generated images, and a reader's agreement with them
     shards     Shapes scenes as webdataset tar shards (`sdscratch data shards`)
 """
