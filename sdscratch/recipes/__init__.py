@@ -6,7 +6,8 @@ MANIFEST.json (command, seed, wall and CPU time, threads, load, sha256 of every 
 measured quality). A recipe takes `(out, seed, steps)`: the folder to write, the seed
 for every random draw, and an optional override of its number of training steps (for
 short runs and tests); it returns the quality it measured, as a dict. Together the
-recipes run in 60 minutes or less on a 2-core CPU.
+core recipes (all but controlnet) run in 60 minutes or less on a 2-core CPU; an
+extension recipe (controlnet) takes at most 10 CPU minutes on top of its base.
 
     common  the registry, `run_recipe`, threads, seeds and the manifest's keys
     judge   shapes-judge, the attribute classifier of sdscratch.shapes.judge
