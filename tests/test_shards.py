@@ -153,17 +153,10 @@ def test_two_processes_stream_one_shard_with_two_workers_each(tmp_path):
         assert report["sizes"] == [8] * 6
 
 
-def test_the_vae_recipe_trains_on_a_folder_of_own_images(tmp_path):
+def test_the_vae_recipe_trains_on_a_folder_of_own_images(tmp_path, own_shards):
     from sdscratch.recipes import run_recipe
 
-    folder = tmp_path / "mine"
-    folder.mkdir()
-    for i, colour in enumerate(["red", "blue", "yellow", "green"]):
-        (folder / f"photo{i}.png").write_bytes(png(colour, size=(48, 64)))
-        (folder / f"photo{i}.txt").write_text(f"a {colour} photo")
-    assert main(["data", "shards", "--images", str(folder), "--out",
-                 str(tmp_path / "s"), "--count", "2"]) == 0  # fmt: skip
-    manifest = run_recipe("vae", tmp_path / "vae", steps=2, shards=tmp_path / "s")
+    manifest = run_recipe("vae", tmp_path / "vae", steps=2, shards=own_shards)
     assert (tmp_path / "vae" / "vae").is_dir()
     assert manifest["quality"]["shards_skipped"] == ""  # nothing was unusable
     assert manifest["command"].endswith(f"--shards {tmp_path / 's'}")

@@ -18,37 +18,13 @@ Controls are (3, H, W) in [0, 1], the three channels equal, as SD's ControlNets 
 their control images.
 """
 
-from collections import defaultdict
 
 import numpy as np
 import torch
 
-from sdscratch.shapes.data import SDFS, _geometry
+from sdscratch.shapes.data import signed_distances
 
 CONTROLS = ("outline", "mask")
-
-
-def signed_distances(objects: list, size=32) -> np.ndarray:
-    """Each object's signed distance from each pixel centre to its edge, in pixels.
-
-    Args:
-        objects: object dicts of scenes' attrs (see `sdscratch.shapes.scenes`).
-        size: the image side in pixels.
-    Returns:
-        (K, H, W) float32 for K objects: negative inside, positive outside.
-    """
-    centres = (np.arange(size, dtype=np.float32) + 0.5) / size  # pixel centres
-    out = np.empty((len(objects), size, size), np.float32)
-    groups = defaultdict(list)
-    for i, obj in enumerate(objects):
-        groups[obj["shape"]].append(i)
-    for shape, members in groups.items():
-        geometry = np.array([_geometry(objects[i]) for i in members], np.float32)
-        cx, cy, radius = (geometry[:, k, None, None] for k in range(3))  # (n, 1, 1)
-        x = (centres[None, None, :] - cx) / radius  # (n, 1, W)
-        y = (centres[None, :, None] - cy) / radius  # (n, H, 1)
-        out[members] = SDFS[shape](x, y) * (radius * size)  # (n, H, W)
-    return out
 
 
 def draw_controls(scenes: list, kind="outline", size=32) -> torch.Tensor:

@@ -100,6 +100,7 @@ __all__ = [
     "satisfies",
     "satisfies_matrix",
     "scene_codes",
+    "signed_distances",
     "strip_geometry",
     "uses_template",
     "vocabulary",
@@ -202,11 +203,14 @@ def _geometry(obj) -> tuple:
     return obj.get("x", x), obj.get("y", y), obj.get("radius", SIZES[obj["size"]])
 
 
-def _coverage(objects, size) -> np.ndarray:
-    """The fraction of each pixel that each object covers, (N, H, W) float32.
+def signed_distances(objects: list, size=32) -> np.ndarray:
+    """Each object's signed distance from each pixel centre to its edge, in pixels.
 
-    The coverage of a pixel is clamp(0.5 - d, 0, 1) with d the signed distance from
-    its centre to the shape's edge, in pixels: a one-pixel ramp, i.e. anti-aliasing.
+    Args:
+        objects: object dicts of scenes' attrs (see `sdscratch.shapes.scenes`).
+        size: the image side in pixels.
+    Returns:
+        (K, H, W) float32 for K objects: negative inside, positive outside.
     """
     centres = (np.arange(size, dtype=np.float32) + 0.5) / size  # pixel centres
     out = np.empty((len(objects), size, size), np.float32)
@@ -218,9 +222,17 @@ def _coverage(objects, size) -> np.ndarray:
         cx, cy, radius = (geometry[:, k, None, None] for k in range(3))  # (n, 1, 1)
         x = (centres[None, None, :] - cx) / radius  # (n, 1, W)
         y = (centres[None, :, None] - cy) / radius  # (n, H, 1)
-        distance = SDFS[shape](x, y) * (radius * size)  # (n, H, W), in pixels
-        out[members] = _clamp(0.5 - distance, 0.0, 1.0)
+        out[members] = SDFS[shape](x, y) * (radius * size)  # (n, H, W)
     return out
+
+
+def _coverage(objects, size) -> np.ndarray:
+    """The fraction of each pixel that each object covers, (N, H, W) float32.
+
+    The coverage of a pixel is clamp(0.5 - d, 0, 1) with d the signed distance from
+    its centre to the shape's edge, in pixels: a one-pixel ramp, i.e. anti-aliasing.
+    """
+    return _clamp(0.5 - signed_distances(objects, size), 0.0, 1.0)
 
 
 def object_masks(attrs: dict, size=32) -> torch.Tensor:
