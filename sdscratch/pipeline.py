@@ -169,6 +169,14 @@ class StableDiffusion:
 
         return load_textual_inversion(self, path, token)
 
+    def unload_textual_inversion(self, tokens=None) -> list:
+        """Remove added tokens (default: all) and their embedding rows, as
+        diffusers' `unload_textual_inversion`; see
+        `sdscratch.textual_inversion.unload_textual_inversion`."""
+        from sdscratch.textual_inversion import unload_textual_inversion
+
+        return unload_textual_inversion(self, tokens)
+
     def save_pretrained(self, root, dtype=None) -> Path:
         """Write unet/, vae/, text_encoder/, tokenizer/ and the scheduler's config.
 

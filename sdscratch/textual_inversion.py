@@ -197,6 +197,42 @@ def load_textual_inversion(pipe, path, token=None) -> list:
         raise EmbeddingError(f"{path}: {error}") from None
 
 
+def unload_textual_inversion(pipe, tokens=None) -> list:
+    """`pipe.unload_textual_inversion`: remove added tokens and their rows.
+
+    As diffusers' `unload_textual_inversion`: the tokens leave the tokenizer, their
+    rows the text encoder's table, and the added tokens left are renumbered after
+    the vocabulary. A token stands for all its vectors ("<t>": "<t>", "<t>_1", ...).
+
+    Args:
+        tokens: a token or a list of them (default: every added token).
+    Returns:
+        The removed tokens' old ids.
+    """
+    tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
+    tokens = [tokens] if isinstance(tokens, str) else tokens
+    names = list(tokenizer.added_tokens) if tokens is None else [
+        name for token in tokens for name in _vectors_of(tokenizer, token)
+    ]  # fmt: skip
+    old = dict(tokenizer.added_tokens)
+    removed = tokenizer.remove_tokens(names)
+    rows = list(range(len(tokenizer.vocab)))
+    rows += sorted(i for token, i in old.items() if token not in names)
+    weight = token_embedding(text_encoder).weight
+    new = nn.Embedding.from_pretrained(weight[rows].detach().clone())  # (V', D)
+    new.weight.requires_grad_(weight.requires_grad)
+    text_encoder.embeddings.token_embedding = new
+    text_encoder.config.vocab_size = len(rows)
+    return removed
+
+
+def _vectors_of(tokenizer, token: str) -> list[str]:
+    """An added token's vector tokens, "<t>", "<t>_1", ... (one sentence if none)."""
+    if token not in tokenizer.added_tokens:
+        raise EmbeddingError(f"the tokenizer has no added token {token!r}.")
+    return tokenizer.expand_added(token)
+
+
 def save_embedding(vectors, token: str, path, format="diffusers") -> Path:
     """Write learned vectors, (n, D) or (D,), for `token`.
 

@@ -154,12 +154,38 @@ class Tokenizer:
             ids.append(len(self))
             self.added_tokens[token] = ids[-1]
             self.id_to_token[ids[-1]] = token
+        self._compile_added()
+        return ids
+
+    def remove_tokens(self, tokens) -> list[int]:
+        """Remove added tokens; the added tokens left keep their order, renumbered
+        from `len(self.vocab)` on (as diffusers' `unload_textual_inversion`).
+
+        Returns:
+            The removed tokens' old ids.
+        """
+        unknown = [token for token in tokens if token not in self.added_tokens]
+        if unknown:
+            raise ValueError(f"The tokenizer has no added token {unknown[0]!r}.")
+        removed = [self.added_tokens[token] for token in tokens]
+        kept = [t for t in self.added_tokens if t not in tokens]  # in id order
+        for i in self.added_tokens.values():
+            del self.id_to_token[i]
+        self.added_tokens = {t: len(self.vocab) + k for k, t in enumerate(kept)}
+        self.id_to_token |= {i: t for t, i in self.added_tokens.items()}
+        self._compile_added()
+        return removed
+
+    def _compile_added(self):
+        """The pattern that finds added tokens in a text, longest first."""
+        if not self.added_tokens:
+            self._added_split = None
+            return
         longest_first = sorted(self.added_tokens, key=len, reverse=True)
         pattern = "|".join(regex.escape(token) for token in longest_first)
         self._added_split = regex.compile(f"({pattern})")
-        return ids
 
-    def _expand(self, token: str) -> list[str]:
+    def expand_added(self, token: str) -> list[str]:
         """An added token and the vectors that follow it: "<t>", "<t>_1", ..."""
         tokens, i = [token], 1
         while f"{token}_{i}" in self.added_tokens:
@@ -186,7 +212,7 @@ class Tokenizer:
         parts = self._added_split.split(text) if self._added_split else [text]
         for part in parts:
             if part in self.added_tokens:
-                tokens += self._expand(part)
+                tokens += self.expand_added(part)
                 continue
             for segment in SPECIAL_SPLIT.split(part):
                 if segment in (BOS, EOS):  # typed exactly: the special token itself

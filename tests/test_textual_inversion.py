@@ -12,6 +12,7 @@ from transformers import CLIPTokenizer
 from conftest import diffusers_of, run_cli
 from sdscratch.pipeline import StableDiffusion
 from sdscratch.textual_inversion import (
+    EmbeddingError,
     load_textual_inversion,
     save_embedding,
     start_textual_inversion,
@@ -201,3 +202,29 @@ def test_generate_with_an_embedding_and_a_wrong_width_is_one_line(pipe, tmp_path
     code, _, err = run_cli(*common, "-o", tmp_path / "b.png", "--embedding", wide)
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert str(wide) in err and "1024 wide" in err
+
+
+def test_unloading_is_diffusers_unload_textual_inversion(pipe, tmp_path):
+    """Two embeddings loaded, one unloaded: the tokenizer, the table and the images
+    are diffusers' after its own `unload_textual_inversion`; unloading the other
+    gives back the pipeline as it was, image for image."""
+    before = ours(pipe, ["a small red circle on the left"])
+    reference = diffusers_of(pipe)
+    for token, count, folder in (("<heart>", 2, "a"), ("<dot>", 1, "b")):
+        save_embedding(vectors(pipe, count, seed=count), token, tmp_path / folder)
+        load_textual_inversion(pipe, tmp_path / folder)
+        reference.load_textual_inversion(str(tmp_path / folder))
+    assert pipe.unload_textual_inversion("<heart>") == [len(pipe.tokenizer.vocab) + i
+                                                        for i in (0, 1)]  # fmt: skip
+    reference.unload_textual_inversion(["<heart>", "<heart>_1"])
+    assert list(pipe.tokenizer.added_tokens) == ["<dot>"]
+    table = reference.text_encoder.get_input_embeddings().weight
+    assert torch.equal(token_embedding(pipe.text_encoder).weight, table)
+    prompts = ["a big <dot> at the top", "a <heart>"]  # "<heart>": plain words now
+    assert (ours(pipe, prompts) - theirs(reference, prompts)).abs().max() <= TOLERANCE
+    with pytest.raises(EmbeddingError, match="no added token '<heart>'"):
+        pipe.unload_textual_inversion("<heart>")
+    pipe.unload_textual_inversion()  # every added token
+    assert pipe.tokenizer.added_tokens == {}
+    assert pipe.text_encoder.config.vocab_size == len(pipe.tokenizer.vocab)
+    assert torch.equal(ours(pipe, ["a small red circle on the left"]), before)
