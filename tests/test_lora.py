@@ -390,3 +390,24 @@ def test_sd_v1_layout_kohya_file_loads_in_diffusers(tmp_path):
     assert (ours(pipe) - expected).abs().max() > 0.01
     reference.load_lora_weights(str(path))
     assert (theirs(reference) - expected).abs().max() <= TOLERANCE
+
+
+def test_locon_kohya_file_of_resnet_3x3_convs_loads_as_in_diffusers(pipe, tmp_path):
+    """LoCon: LoRA on the ResNet blocks' 3×3 convolutions (A a 3×3 conv, B 1×1),
+    written as a kohya file; diffusers' `load_lora_weights` and ours draw the same
+    images from it."""
+    reference = diffusers_of(pipe)
+    state, _ = diffusers_lora(reference, rank=2, alpha=2, targets=["conv1", "conv2"])
+    kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in state.items()})
+    kohya = {k.replace("lora_unet_unet_", "lora_unet_"): v for k, v in kohya.items()}
+    downs = [v for k, v in kohya.items() if k.endswith("conv1.lora_down.weight")]
+    assert downs and all(v.shape[-2:] == (3, 3) for v in downs)
+    save_file(kohya, tmp_path / "locon.safetensors")
+    fresh = diffusers_of(pipe)
+    fresh.load_lora_weights(str(tmp_path), weight_name="locon.safetensors")
+    expected = theirs(fresh)
+    assert (expected - theirs(diffusers_of(pipe))).abs().max() > 1e-3  # it acts
+    lora = load_lora_weights(pipe, tmp_path / "locon.safetensors")
+    convs = [n for n, m in pipe.unet.named_modules() if n.endswith(("conv1", "conv2"))]
+    assert len(lora.layers) == len(convs)
+    assert (ours(pipe) - expected).abs().max() <= TOLERANCE
