@@ -242,6 +242,35 @@ def compvis_name(key, layers_per_block, renames, first=1):
     return f"model.diffusion_model.{row}.0.{renames[part]}.{end}"
 
 
+def zero_conv(in_channels, out_channels):
+    conv = torch.nn.Conv2d(in_channels, out_channels, 1)
+    torch.nn.init.zeros_(conv.weight)
+    torch.nn.init.zeros_(conv.bias)
+    return conv
+
+
+def add_control_residuals(skips, mid, down_residuals, mid_residual, scale):
+    skips = [skip + scale * residual for skip, residual in zip(skips, down_residuals)]
+    return skips, mid + scale * mid_residual
+
+
+def guidance_window(num_steps, start, end):
+    i = torch.arange(num_steps)
+    return ((i / num_steps >= start) & ((i + 1) / num_steps <= end)).float()
+
+
+def random_conv(in_channels, out_channels):
+    conv = torch.nn.Conv2d(in_channels, out_channels, 1)
+    torch.nn.init.zeros_(conv.bias)
+    return conv
+
+
+def zero_weight_only(in_channels, out_channels):
+    conv = torch.nn.Conv2d(in_channels, out_channels, 1)
+    torch.nn.init.zeros_(conv.weight)
+    return conv
+
+
 RIGHT = {
     "add_noise": add_noise, "snr": snr, "diffusion_loss": diffusion_loss,
     "ddpm_step": ddpm_step, "ddim_step": ddim_step, "karras_sigmas": karras_sigmas,
@@ -260,7 +289,9 @@ RIGHT = {
     "rank_batch": rank_batch, "shard_split": shard_split,
     "mean_gradient": mean_gradient,
     "resblock_parameters": resblock_parameters, "bytes_in": bytes_in,
-    "compvis_name": compvis_name,
+    "compvis_name": compvis_name, "zero_conv": zero_conv,
+    "add_control_residuals": add_control_residuals,
+    "guidance_window": guidance_window,
 }  # fmt: skip
 
 # ----------------------------------------------------------------------------------
@@ -381,6 +412,19 @@ WRONG = [
     ("compvis_name", lambda k, n, r: compvis_name(k, n - 1, r) if k.startswith(
         "down") else compvis_name(k, n, r), "layers_per_block + 1 slots"),
     ("compvis_name", lambda k, n, r: compvis_name(k, n, r, first=0), "conv_in"),
+    ("zero_conv", random_conv, "not at a random draw"),
+    ("zero_conv", zero_weight_only, "zero the bias too"),
+    ("zero_conv", lambda i, o: torch.nn.Conv2d(i, o, 3), "1×1 convolution"),
+    ("add_control_residuals", lambda s, m, d, mr, k: add_control_residuals(
+        s, m, d, mr, 1.0), "multiply the residuals by scale"),
+    ("add_control_residuals", lambda s, m, d, mr, k: (
+        add_control_residuals(s, m, d, mr, k)[0], m), "mid block's output"),
+    ("add_control_residuals", lambda s, m, d, mr, k: ([k * r for r in d], k * mr),
+     "do not replace them"),
+    ("guidance_window", lambda n, a, b: ((torch.arange(n) / n >= a)
+     & (torch.arange(n) / n <= b)).float(), "(i + 1)/n"),
+    ("guidance_window", lambda n, a, b: guidance_window(n, a, b).flip(0),
+     "noisiest step"),
 ]  # fmt: skip
 
 

@@ -27,6 +27,12 @@ from sdscratch.exercises.checkpoints import (
     check_resblock_parameters,
 )
 from sdscratch.exercises.compare import NOT_DONE
+from sdscratch.exercises.control import (
+    check_add_control_residuals,
+    check_guidance_window,
+    check_zero_conv,
+    reference_add_control_residuals,
+)
 from sdscratch.exercises.diffusion import (
     check_add_noise,
     check_ddim_step,
@@ -89,6 +95,7 @@ from sdscratch.samplers import img2img_start
 __all__ = [
     "NOT_DONE",
     "yours_or_ours",
+    "check_add_control_residuals",
     "check_add_noise",
     "check_attention",
     "check_bytes_in",
@@ -106,6 +113,7 @@ __all__ = [
     "check_frechet_from_stats",
     "check_geglu",
     "check_guidance",
+    "check_guidance_window",
     "check_guided_noise",
     "check_img2img_start",
     "check_inpaint_blend",
@@ -128,6 +136,7 @@ __all__ = [
     "check_snr",
     "check_split_heads",
     "check_timestep_embedding",
+    "check_zero_conv",
 ]
 
 # The package's version of each exercise whose function later cells use, with the
@@ -149,6 +158,10 @@ REFERENCES = {
     "downsample_mask": (reference_downsample_mask, check_downsample_mask),
     "causal_softmax": (reference_causal_softmax, check_causal_softmax),
     "scaled_linear_betas": (reference_scaled_linear_betas, check_scaled_linear_betas),
+    "add_control_residuals": (
+        reference_add_control_residuals,
+        check_add_control_residuals,
+    ),
 }
 
 
