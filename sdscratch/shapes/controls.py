@@ -18,7 +18,6 @@ Controls are (3, H, W) in [0, 1], the three channels equal, as SD's ControlNets 
 their control images.
 """
 
-
 import numpy as np
 import torch
 
