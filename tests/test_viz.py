@@ -6,7 +6,13 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from sdscratch.viz import from_pil, image_grid, make_grid, to_pil  # noqa: E402
+from sdscratch.viz import (  # noqa: E402
+    from_pil,
+    image_grid,
+    make_grid,
+    pipeline_map,
+    to_pil,
+)
 
 
 def test_pil_round_trip_is_exact_on_the_uint8_grid():
@@ -51,3 +57,19 @@ def test_image_grid_captions_sit_below_their_images():
         if ax.images:
             image_bottom = ax.get_window_extent(renderer).y0
             assert ax.title.get_window_extent(renderer).y1 <= image_bottom + 0.5
+
+
+def test_image_grid_captions_are_ten_pixels_high_at_80_dpi():
+    """9-point captions: 10 px at the lessons' 80 dpi, the smallest text one reads."""
+    fig = image_grid(torch.zeros(2, 3, 8, 8), ["one", "two"])
+    sizes = [ax.title.get_fontsize() for ax in fig.axes if ax.images]
+    assert min(sizes) * 80 / 72 >= 10
+
+
+def test_pipeline_map_labels_the_shapes_it_is_given():
+    fig = pipeline_map("(1, 32, 96)", "4×8×8", "3×64×64")
+    texts = [text.get_text() for text in fig.axes[0].texts]
+    assert "(1, 32, 96)" in texts
+    assert any("4×8×8" in text for text in texts)
+    assert any("3×64×64" in text for text in texts)
+    assert all(text.get_fontsize() * 80 / 72 >= 10 for text in fig.axes[0].texts)
