@@ -48,7 +48,6 @@ from pathlib import Path
 import torch
 
 from sdscratch.checkpoint import write_manifest
-from sdscratch.shapes.data import Shapes
 from sdscratch.shards import ShardStream
 from sdscratch.train import processes
 
@@ -129,11 +128,6 @@ def scenes_seed(name, seed, part="train") -> int:
     "eval") in a run with `seed`: see SCENES_FOLLOW_SEED."""
     follows = SCENES_FOLLOW_SEED[name][("train", "eval").index(part)]
     return seed if follows else COURSE_SCENES
-
-
-def first_scenes(split, n, seed=COURSE_SCENES, size=32) -> tuple:
-    """The first n scenes of a split: images (n, 3, size, size), captions, attrs."""
-    return Shapes(split, size=size, seed=seed, length=n).batch(range(n))
 
 
 def saving(checkpoint) -> dict:

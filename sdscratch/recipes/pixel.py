@@ -16,7 +16,6 @@ from sdscratch.clip import TextEncoder, TextEncoderConfig
 from sdscratch.metrics import frechet_distance
 from sdscratch.pipeline import classifier_free_guidance
 from sdscratch.recipes.common import (
-    first_scenes,
     mean_of_last,
     recipe,
     saving,
@@ -27,7 +26,12 @@ from sdscratch.recipes.common import (
 from sdscratch.samplers import sample
 from sdscratch.schedules import NoiseSchedule
 from sdscratch.shapes.data import BACKGROUND, COLOURS
-from sdscratch.shapes.evaluate import evaluation_prompts, fid_floor, real_features
+from sdscratch.shapes.evaluate import (
+    evaluation_prompts,
+    fid_floor,
+    real_features,
+    real_images,
+)
 from sdscratch.shapes.judge import image_features, prompt_accuracy
 from sdscratch.tokenizer import Tokenizer
 from sdscratch.train import EMA, diffusion_loss, fit, rank_generator
@@ -136,7 +140,7 @@ def _training_scenes(name, count, seed, shards=None):
     and captions), or about as many images and captions from `shards`; and what
     the shards skipped (a dict for the manifest, empty without shards)."""
     if shards is None:
-        images, captions, _ = first_scenes("train", count, scenes_seed(name, seed))
+        images, captions, _ = real_images(count, "train", scenes_seed(name, seed))
         return images, captions, {}
     batches, stream = shard_batches(shards, count, PIXEL_BATCH, seed)
     images, captions = zip(*batches)  # B-image tensors, B-caption lists
@@ -150,7 +154,7 @@ def _guided_quality(unet, schedule, seed, encode, hidden) -> dict:
     val_seed = scenes_seed("pixel-text", seed, "eval")
     prompts, scenes = evaluation_prompts(PIXEL_SAMPLES, seed=val_seed)
     eps_fn = guided(unet, encode(prompts), hidden, GUIDANCE)
-    val_captions = first_scenes("val", 512, val_seed)[1]
+    val_captions = real_images(512, "val", val_seed)[1]
     quality, samples = _pixel_quality(
         unet, schedule, seed, val_seed, eps_fn, encode(val_captions)
     )
@@ -231,7 +235,7 @@ def _pixel_quality(unet, schedule, seed, val_seed, eps_fn, contexts=None):
     Returns:
         the figures (a dict) and the samples (PIXEL_SAMPLES, 3, 32, 32).
     """
-    n, images = PIXEL_SAMPLES, first_scenes("val", 512, val_seed)[0]
+    n, images = PIXEL_SAMPLES, real_images(512, "val", val_seed)[0]
     held_out = torch.Generator().manual_seed(seed + 2)
     with torch.no_grad():
         val_loss = diffusion_loss(unet, images, schedule, held_out, contexts).item()

@@ -9,7 +9,6 @@ import torch
 
 from sdscratch.checkpoint import load_component, save_component
 from sdscratch.recipes.common import (
-    first_scenes,
     mean_of_last,
     recipe,
     saving,
@@ -17,6 +16,7 @@ from sdscratch.recipes.common import (
     seeded,
 )
 from sdscratch.shapes.data import Shapes, collate
+from sdscratch.shapes.evaluate import real_images
 from sdscratch.shards import ShardStream
 from sdscratch.train import fit, processes, rank_generator
 from sdscratch.vae import VAE, VAEConfig, measure_scaling_factor, psnr, vae_loss
@@ -64,7 +64,7 @@ def train_vae(out, seed, steps, shards=None, checkpoint=None):
         **saving(checkpoint),
     )
     if shards is None:
-        images = first_scenes("train", VAE_SCALE_SCENES, train.seed, train.size)[0]
+        images = real_images(VAE_SCALE_SCENES, "train", train.seed, size=train.size)[0]
     else:  # the latents of the images it trained on set the scaling factor
         count = VAE_SCALE_SCENES // VAE_BATCH
         images = torch.cat([batch[0] for _, batch in zip(range(count), loader)])
@@ -72,7 +72,7 @@ def train_vae(out, seed, steps, shards=None, checkpoint=None):
     save_component(vae, out / "vae", vae.config, dtype=torch.float16)
     stored = load_component(out / "vae", VAE, VAEConfig)
     val_seed = scenes_seed("vae", seed, "eval")
-    held_out = first_scenes("val", VAE_VAL_SCENES, val_seed, train.size)[0]
+    held_out = real_images(VAE_VAL_SCENES, "val", val_seed, size=train.size)[0]
     with torch.no_grad():  # the PSNR of what was stored, and before float16
         psnrs = [
             psnr(held_out, m.decode(m.encode(held_out).mode())) for m in (stored, vae)
