@@ -43,8 +43,11 @@ def setup(kind):
     return model, EMA(model, decay=0.9), batches, loss_fn, [data, noise]
 
 
-def train(kind, checkpoint=None, stop=None):
+def train(kind, checkpoint=None, stop=None, saved_generators=None):
+    """Train from the start or from `checkpoint`; `stop`: raise at that step;
+    `saved_generators`: how many of the run's generators the checkpoint keeps."""
     model, ema, batches, loss_fn, generators = setup(kind)
+    generators = generators[:saved_generators]
     steps = [0]
 
     def counted(model, batch):
@@ -79,23 +82,10 @@ def test_without_the_generators_the_resume_differs(tmp_path):
     """The check can fail: a checkpoint that forgets the loss's generator resumes
     with other noise."""
     model, _, _, _ = train("loader")
-    fresh, ema, batches, loss_fn, generators = setup("loader")
-    calls = [0]
-
-    def stopping(model, batch):
-        calls[0] += 1
-        if calls[0] == STOP:
-            raise Interrupted
-        return loss_fn(model, batch)
-
-    options = dict(lr=0.05, ema=ema, warmup=3, progress=False, checkpoint_every=3,
-                   checkpoint=tmp_path / "run", generators=generators[:1])  # fmt: skip
     with pytest.raises(Interrupted):
-        fit(fresh, stopping, batches, STEPS, **options)
-    fresh, ema, batches, loss_fn, generators = setup("loader")
-    options |= dict(ema=ema, generators=generators[:1])
-    fit(fresh, loss_fn, batches, STEPS, **options)
-    assert not torch.equal(model[0].weight, fresh[0].weight)
+        train("loader", tmp_path / "run", stop=STOP, saved_generators=1)
+    resumed, _, _, _ = train("loader", tmp_path / "run", saved_generators=1)
+    assert not torch.equal(model[0].weight, resumed[0].weight)
 
 
 def test_a_checkpoint_of_another_number_of_processes_is_refused(tmp_path):
