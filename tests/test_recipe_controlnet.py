@@ -8,7 +8,12 @@ import torch
 from PIL import Image
 
 from conftest import run_cli
-from sdscratch.checkpoint import load_component, read_manifest, verify
+from sdscratch.checkpoint import (
+    load_component,
+    read_manifest,
+    resolve,
+    verify,
+)
 from sdscratch.controlnet import ControlNet, ControlNetConfig, steered_unet
 from sdscratch.pipeline import StableDiffusion
 from sdscratch.recipes import controlnet as recipe
@@ -73,6 +78,8 @@ def test_short_run_writes_a_controlnet_generate_loads(base, tmp_path, monkeypatc
     quality = manifest["quality"]
     assert (quality["control"], quality["connections"]) == ("mask", "zero")
     assert quality["steps"] == 2 and quality["eval_images"] == 20
+    base_digests = read_manifest(resolve("shapes-ldm"))["sha256"]
+    assert quality["base_unet_sha256"] == base_digests["unet/model.safetensors"]
     verify(out)
     controlnet = load_component(out, ControlNet, ControlNetConfig)
     assert controlnet.downsampling_factor == base.vae_scale_factor
@@ -108,8 +115,6 @@ def test_bad_options_are_one_sentence_exit_2(tmp_path, arguments, message):
 
 @pytest.fixture(scope="module")
 def bundled_controlnet():
-    from sdscratch.checkpoint import resolve
-
     folder = resolve("shapes-controlnet")
     verify(folder)
     return load_component(folder, ControlNet, ControlNetConfig), read_manifest(folder)
@@ -143,3 +148,4 @@ def test_cli_bundled_controlnet_resizes_another_size_once(tmp_path):
         "sdscratch: warning: The control image is 48×48 pixels; resized to 32×32, "
         "the size of the images being made.\n"
     )
+

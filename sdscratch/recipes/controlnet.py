@@ -25,7 +25,12 @@ import torch
 from torch import nn
 
 from sdscratch.checkpoint import load_component, save_component
-from sdscratch.controlnet import ControlNet, ControlNetConfig, steered_unet
+from sdscratch.controlnet import (
+    ControlNet,
+    ControlNetConfig,
+    steered_unet,
+    unet_digest,
+)
 from sdscratch.pipeline import StableDiffusion
 from sdscratch.recipes.common import mean_of_last, recipe, scenes_seed, seeded
 from sdscratch.shapes.controls import CONTROLS, draw_controls
@@ -106,6 +111,7 @@ def train_controlnet(
     quality = measure_controlnet(pipe, stored, control, n, seed, scenes=scenes)
     return {
         "base": str(base),
+        "base_unet_sha256": unet_digest(base),  # generate refuses it for another
         "control": control,
         "connections": connections,
         **{key: round(value, 4) for key, value in quality.items()},
