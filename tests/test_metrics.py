@@ -37,6 +37,7 @@ from sdscratch.shapes.judge import (
     Judge,
     JudgeConfig,
     attribute_accuracy,
+    attributes,
     bundled_judge,
     canonical,
     check,
@@ -416,7 +417,9 @@ def test_judge_recipe_runs_briefly(tmp_path, monkeypatch):
         "scene",
     }
     judge = Judge.from_pretrained(tmp_path)
-    assert judge(torch.zeros(2, 3, 32, 32))["shape"].shape == (2, len(SLOTS), 6)
+    shapes = attributes(sdscratch.recipes.judge.JUDGE_NOVEL)["shape"]
+    read = judge(torch.zeros(2, 3, 32, 32))["shape"]
+    assert read.shape == (2, len(SLOTS), len(shapes))
     assert (tmp_path / "judge" / "model.safetensors").stat().st_size <= 1_000_000
 
 

@@ -27,7 +27,7 @@ from sdscratch.train import fit, rank_generator
 JUDGE_STEPS, JUDGE_BATCH, JUDGE_LR = 600, 128, 3e-3
 JUDGE_HELDOUT = 10_000  # test scenes the accuracy is measured on
 JUDGE_IMAGE_SIZE = 32  # the size it reads: the latent model's images
-JUDGE_NOVEL = False  # whether it also learns the novel heart and pink (fine-tuning's)
+JUDGE_NOVEL = True  # whether it also learns the novel heart and pink (fine-tuning's)
 
 
 @recipe("judge", default_out="shapes-judge")
