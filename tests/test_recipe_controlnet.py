@@ -2,6 +2,8 @@
 leave the base as it was, a short run writes a folder `generate --controlnet` loads,
 and bad options are one sentence."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,9 @@ from sdscratch.checkpoint import (
     load_component,
     read_manifest,
     resolve,
+    save_component,
     verify,
+    write_manifest,
 )
 from sdscratch.controlnet import ControlNet, ControlNetConfig, steered_unet
 from sdscratch.pipeline import StableDiffusion
@@ -149,3 +153,30 @@ def test_cli_bundled_controlnet_resizes_another_size_once(tmp_path):
         "the size of the images being made.\n"
     )
 
+
+def test_cli_refuses_the_bundled_controlnet_for_another_unet(tmp_path):
+    """A copy of shapes-ldm takes the bundled ControlNet; the same copy with other
+    UNet weights (the same widths, so `check_fits` lets it through) is refused in
+    one sentence, exit 2, by the base's UNet digest its manifest records."""
+    scene = Shapes("test", length=1)[0][2]
+    control = draw_controls([scene], "outline")[0].permute(1, 2, 0).numpy()
+    Image.fromarray((control * 255).round().astype(np.uint8)).save(tmp_path / "c.png")
+    same, other = tmp_path / "same-ldm", tmp_path / "other-ldm"
+    for folder in (same, other):
+        shutil.copytree(resolve("shapes-ldm"), folder)
+    unet = load_component(other / "unet", UNet, UNetConfig)
+    with torch.no_grad():
+        unet.conv_out.bias.add_(0.01)
+    save_component(unet, other / "unet", unet.config)
+    write_manifest(other, "a copy of shapes-ldm, its UNet moved", 0, 0.0, {})
+    steering = ("--control", tmp_path / "c.png", "--controlnet", "shapes-controlnet")
+    results = {}
+    for folder in (same, other):
+        out = tmp_path / f"{folder.name}.png"
+        results[folder] = run_cli("generate", "a red circle", "--steps", "1",
+                                  "--model", folder, *steering, "-o", out)  # fmt: skip
+    assert results[same][0] == 0 and (tmp_path / "same-ldm.png").is_file()
+    code, _, err = results[other]
+    assert code == 2 and err.count("\n") == 1, err
+    assert "was trained for the UNet of shapes-ldm" in err and "other-ldm" in err
+    assert not (tmp_path / "other-ldm.png").exists()
