@@ -51,7 +51,10 @@ FILE_FORMATS = {  # what --format each method takes; the first is the default
     "textual_inversion": ("diffusers", "a1111"),
     "lora": ("diffusers", "kohya"),
 }
-CLASS_IMAGE_STEPS = 20  # sampler steps for DreamBooth's class images
+CLASS_IMAGE_STEPS = 20
+MAX_EXAMPLE_SIDE = (
+    512  # `data examples --size`  # sampler steps for DreamBooth's class images
+)
 
 
 def cmd_finetune(args):
@@ -63,10 +66,11 @@ def cmd_finetune(args):
     examples = read_examples(args.images, args.prompt)
     pipe = StableDiffusion.from_pretrained(args.model)
     side = pipe.latent_shape[-1] * pipe.vae_scale_factor
-    images = load_images([path for path, _ in examples], side, args.images)
-    captions = [caption for _, caption in examples]
     if args.method == "textual_inversion":
-        check_token(pipe.tokenizer, args.token, examples, args.images)
+        check_token(pipe.tokenizer, args.token, examples)
+    captions = [caption for _, caption in examples]
+    check_lengths(pipe.tokenizer, captions, args.token, args.vectors)
+    images = load_images([path for path, _ in examples], side, args.images)
     start = time.process_time(), time.perf_counter()
     trained, losses = train(pipe, args, images, captions)
     summary = run_summary(args, losses, len(images), start)
@@ -316,8 +320,9 @@ def train(pipe, args, images, captions):
             num_inference_steps=CLASS_IMAGE_STEPS,
         )
         options = dict(prior=(drawn, [args.class_prompt] * count))
-    with torch.random.fork_rng():  # LoRA's starting A: drawn from --seed
-        torch.manual_seed(args.seed)
+    with torch.random.fork_rng(), warnings.catch_warnings():
+        torch.manual_seed(args.seed)  # LoRA's starting A: drawn from --seed
+        warnings.filterwarnings("ignore", "Prompt truncated")  # check_lengths'
         return finetune(
             pipe,
             args.method,
@@ -332,7 +337,7 @@ def train(pipe, args, images, captions):
         )
 
 
-def check_token(tokenizer, token: str, examples, folder):
+def check_token(tokenizer, token: str, examples):
     """Refuse a textual-inversion token that is not a new word, or that a
     caption lacks (its image would teach the token nothing)."""
     if re.search(r"\s", token):
@@ -498,6 +503,11 @@ def cmd_data_examples(args):
 
     if args.shape is None and args.colour is None:
         raise ValueError("Give --shape or --colour (or both): what the examples show.")
+    if args.count > MAX_IMAGES or args.size > MAX_EXAMPLE_SIDE:
+        raise ValueError(
+            f"Examples: at most {MAX_IMAGES} images (--count) of at "
+            f"most {MAX_EXAMPLE_SIDE} pixels a side (--size)."
+        )
     out = Path(args.out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(
@@ -543,3 +553,22 @@ def write_examples(out: Path, images, lines: list):
     except BaseException:  # also Ctrl-C: no half-written folder stays behind
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def check_lengths(tokenizer, captions, token=None, vectors=None):
+    """Warn once if captions are longer than the text encoder reads (their ends
+    are cut, at every step); `token`: textual inversion's, `vectors` tokens."""
+    limit = tokenizer.context_length - 2  # without the start and end tokens
+
+    def length(caption: str) -> int:
+        parts = caption.split(token) if token else [caption]
+        new = (vectors or DEFAULTS["vectors"]) * (len(parts) - 1)
+        return new + sum(len(tokenizer.encode(part)) for part in parts)
+
+    long = [caption for caption in captions if length(caption) > limit]
+    if long:
+        warnings.warn(
+            f"{len(long)} of the {len(captions)} captions are longer than the "
+            f"{limit} tokens this text encoder reads; their ends are cut, e.g. "
+            f"{long[0]!r}."
+        )

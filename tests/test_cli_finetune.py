@@ -112,6 +112,9 @@ def test_examples_bad_input(tmp_path):
     err = failure("examples", "--shape", "heart", "--out", kept, command="data")
     assert "not an empty folder" in err
     assert [p.name for p in kept.iterdir()] == ["notes.txt"]
+    err = failure("examples", "--shape", "heart", "--count", 10**6, "--out",
+                  tmp_path / "many", command="data")  # fmt: skip
+    assert "at most 1000 images" in err and not (tmp_path / "many").exists()
     assert "invalid choice: 'hexagon'" in failure(
         "examples", "--shape", "hexagon", "--out", kept, command="data"
     )
@@ -188,3 +191,237 @@ def test_dreambooth_and_full_write_a_model_folder(examples, base, tmp_path, meth
     assert "unet/model.safetensors" in manifest["sha256"]
     tuned = drawn(tmp_path, "tuned", PROMPT, "--model", out)  # verified, loaded
     assert changed(tuned, base["heart"]) > 1
+
+
+# ----------------------------------------------------------------------------------
+# The examples folder: metadata.jsonl, or --prompt
+
+
+def folder(root, names=("a.png", "b.png"), side=32, metadata=None):
+    """A folder of solid square PNGs, with metadata.jsonl lines if given."""
+    root.mkdir()
+    for i, name in enumerate(names):
+        Image.new("RGB", (side, side), (40 * i, 90, 200)).save(root / name)
+    if metadata is not None:
+        lines = [json.dumps(line) if isinstance(line, dict) else line
+                 for line in metadata]  # fmt: skip
+        (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_metadata_gives_each_image_its_caption_in_its_order(tmp_path):
+    from sdscratch.cli_finetune import read_examples
+
+    lines = [
+        {"file_name": "b.png", "text": "a small blue heart on the left "},
+        "",  # blank lines are allowed
+        {"file_name": "./a.png", "text": "a large red heart at the top", "x": 1},
+    ]
+    root = folder(tmp_path / "d", metadata=lines)
+    assert read_examples(root) == [
+        (root / "b.png", "a small blue heart on the left"),
+        (root / "a.png", "a large red heart at the top"),
+    ]
+    assert read_examples(root, prompt="a sks heart") == [
+        (root / "b.png", "a sks heart"),
+        (root / "a.png", "a sks heart"),
+    ]
+    plain = folder(tmp_path / "plain", names=("z.png", "y.jpg"))
+    assert read_examples(plain, prompt="p") == [(plain / "y.jpg", "p"),
+                                                (plain / "z.png", "p")]  # fmt: skip
+
+
+def test_metadata_in_a_subfolder(tmp_path):
+    from sdscratch.cli_finetune import read_examples
+
+    root = folder(tmp_path / "d", names=())
+    (root / "train").mkdir()
+    Image.new("RGB", (32, 32)).save(root / "train" / "0.png")
+    line = {"file_name": "train/0.png", "text": "a heart"}
+    (root / "metadata.jsonl").write_text(json.dumps(line) + "\n")
+    assert read_examples(root) == [(root / "train" / "0.png", "a heart")]
+
+
+def bad_metadata(tmp_path, *lines) -> str:
+    """The sentence `finetune lora` says of a folder with these metadata lines."""
+    root = folder(tmp_path / "bad", metadata=list(lines))
+    return failure("lora", "--images", root, "--out", tmp_path / "x.safetensors")
+
+
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        (["{not json"], "line 1 is not JSON"),
+        (["[1, 2]"], "is not a JSON object"),
+        ([{"file_name": "a.png"}, {"file_name": "b.png", "text": "x"}],
+         'needs "file_name" and "text"'),
+        ([{"file_name": "a.png", "text": "x"}, {"file_name": "c.png", "text": "y"}],
+         "line 2: c.png is not in"),
+        ([{"file_name": "a.png", "text": "x"}], "b.png has no line in"),
+        ([{"file_name": "a.png", "text": "x"}, {"file_name": "a.png", "text": "y"}],
+         "a.png has a line already"),
+        ([{"file_name": "../a.png", "text": "x"}], "not a file name inside"),
+        ([{"file_name": "metadata.jsonl", "text": "x"}], "is not an image"),
+    ],
+)  # fmt: skip
+def test_bad_metadata_is_one_sentence(tmp_path, lines, message):
+    assert message in bad_metadata(tmp_path, *lines)
+    assert list(tmp_path.glob("x*")) == []
+
+
+# ----------------------------------------------------------------------------------
+# Bad input: one sentence, exit code 2, nothing written, nothing lost
+
+
+def test_bad_folders(tmp_path):
+    out = ["--out", tmp_path / "x.safetensors", "--prompt", "a heart"]
+    assert "no such folder" in failure("lora", "--images", tmp_path / "none", *out)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "holds no images" in failure("lora", "--images", empty, *out)
+    notes = folder(tmp_path / "notes")
+    (notes / "notes.txt").write_text("my notes")
+    err = failure("lora", "--images", notes, *out)
+    assert "notes.txt is not an image" in err
+    plain = folder(tmp_path / "plain")
+    assert "give --prompt" in failure("lora", "--images", plain, *out[:2])
+    assert list(tmp_path.glob("x*")) == []
+
+
+def test_bad_images(tmp_path, tiny):
+    common = ["--out", tmp_path / "x.safetensors", "--prompt", "a heart",
+              "--model", tiny]  # fmt: skip
+    damaged = folder(tmp_path / "damaged")
+    (damaged / "b.png").write_text("not a picture")
+    err = failure("lora", "--images", damaged, *common)
+    assert "b.png: not an image PIL can read" in err
+    wide = folder(tmp_path / "wide", names=())
+    Image.new("RGB", (40, 30)).save(wide / "w.png")
+    err = failure("lora", "--images", wide, *common)
+    assert "is 40×30 pixels; fine-tuning takes square images" in err
+    assert list(tmp_path.glob("x*")) == []
+
+
+def test_images_of_another_size_are_resized_with_one_warning(tmp_path, tiny):
+    """The tiny model draws 16×16; the examples are 32×32 and 24×24. Its text
+    encoder reads 16 tokens: a long caption is cut, and said so once too."""
+    long = "a large red heart at the top " * 3
+    texts = ["a red heart", "a blue heart", long]
+    lines = [{"file_name": f"{n}.png", "text": t} for n, t in zip("abc", texts)]
+    root = folder(tmp_path / "d", names=("a.png", "b.png", "c.png"), metadata=lines)
+    Image.new("RGB", (24, 24)).save(root / "c.png")
+    out = tmp_path / "x.safetensors"
+    err = finetune("lora", "--images", root, "--out", out, "--model", tiny,
+                   "--steps", 5)  # fmt: skip
+    warnings = [line for line in err.splitlines() if "warning" in line]
+    assert len(warnings) == 2, err
+    assert "resized 3 of the 3 images" in warnings[1] and "to 16×16" in warnings[1]
+    assert "1 of the 3 captions are longer than the 14 tokens" in warnings[0]
+    assert out.is_file()
+
+
+BAD_OPTIONS = {
+    "textual inversion without --token": (["textual_inversion"], "needs --token"),
+    "dreambooth without --class-prompt": (["dreambooth"], "needs --class-prompt"),
+    "rank 0": (["lora", "--rank", 0], "must be 1 or more"),
+    "alpha 0": (["lora", "--alpha", 0], "must be more than 0"),
+    "lr nan": (["lora", "--lr", "nan"], "must be more than 0"),
+    "rank for textual inversion": (
+        ["textual_inversion", "--token", "<t>", "--rank", 4],
+        "--rank is for lora",
+    ),
+    "class prompt for lora": (
+        ["lora", "--class-prompt", "a"],
+        "--class-prompt is for dreambooth",
+    ),
+    "kohya embedding": (
+        ["textual_inversion", "--token", "<t>", "--format", "kohya"],
+        "not a format of textual_inversion",
+    ),
+    "format for a model": (["full", "--format", "diffusers"], "writes a model folder"),
+    "unknown method": (["hypernetwork"], "invalid choice: 'hypernetwork'"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_OPTIONS)
+def test_bad_options(examples, tmp_path, case):
+    arguments, message = BAD_OPTIONS[case]
+    out = tmp_path / (
+        "x" if arguments[0] in ("dreambooth", "full") else "x.safetensors"
+    )
+    err = failure(*arguments, "--images", examples / "heart", "--out", out)
+    assert message in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_tokens(examples, tmp_path, tiny):
+    common = ["--out", tmp_path / "x.safetensors", "--model", tiny]
+    ti = ["textual_inversion", "--images", examples / "heart-ti", *common]
+    assert "already has this word" in failure(*ti, "--token", "circle")
+    assert "without spaces" in failure(*ti, "--token", "my heart")
+    err = failure(*ti, "--token", "<pink>")
+    assert "lacks the token <pink>" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_models(examples, tmp_path):
+    common = [
+        "lora",
+        "--images",
+        examples / "heart",
+        "--out",
+        tmp_path / "x.safetensors",
+    ]
+    not_model = tmp_path / "folder"
+    not_model.mkdir()
+    assert "MANIFEST.json is missing" in failure(*common, "--model", not_model)
+    assert "No checkpoint 'nowhere' is bundled" in failure(
+        *common, "--model", "nowhere"
+    )
+    assert list(tmp_path.glob("x*")) == []
+
+
+def test_an_output_that_exists_is_kept_unless_force(examples, tmp_path, tiny):
+    common = ["--images", examples / "heart", "--model", tiny, "--steps", 1]
+    out, record = tmp_path / "mine.safetensors", tmp_path / "mine.json"
+    out.write_bytes(b"precious")
+    err = failure("lora", *common, "--out", out)
+    assert "mine.safetensors exists already; pass --force" in err
+    assert out.read_bytes() == b"precious"
+    out.unlink()
+    record.write_text("my notes")
+    assert "mine.json exists already" in failure("lora", *common, "--out", out)
+    assert not out.exists() and record.read_text() == "my notes"
+    finetune("lora", *common, "--out", out, "--force")
+    assert json.loads(record.read_text())["method"] == "lora"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [record.name, out.name]
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "notes.txt").write_text("precious")
+    err = failure("full", *common, "--out", model)
+    assert "holds files already; pass --force" in err
+    assert [p.name for p in model.iterdir()] == ["notes.txt"]
+    assert "ending in .safetensors" in failure("lora", *common, "--out", model)
+
+
+def test_a_run_that_fails_leaves_nothing_behind(examples, tmp_path, tiny, monkeypatch):
+    def full_disk(state, path, metadata=None):
+        open(path, "wb").write(b"half a file")
+        raise OSError("No space left on device")
+
+    common = ["--images", examples / "heart", "--model", tiny, "--steps", 1]
+    monkeypatch.setattr("sdscratch.lora_files.save_file", full_disk)
+    monkeypatch.setattr("sdscratch.checkpoint.save_file", full_disk)
+    (tmp_path / "x.safetensors").write_bytes(b"precious")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "notes.txt").write_text("precious")
+    for method, out in (("lora", "x.safetensors"), ("full", "model")):
+        code, _, err = run_cli("finetune", method, *common, "--out", tmp_path / out,
+                               "--force")  # fmt: skip
+        assert code == 2 and "Traceback" not in err
+        assert err.splitlines()[-1] == "sdscratch: error: No space left on device"
+    assert (tmp_path / "x.safetensors").read_bytes() == b"precious"
+    assert (tmp_path / "model" / "notes.txt").read_text() == "precious"
+    # no temporary file or folder either
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "x.safetensors"]
+    assert [p.name for p in (tmp_path / "model").iterdir()] == ["notes.txt"]
