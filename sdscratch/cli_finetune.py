@@ -51,10 +51,8 @@ FILE_FORMATS = {  # what --format each method takes; the first is the default
     "textual_inversion": ("diffusers", "a1111"),
     "lora": ("diffusers", "kohya"),
 }
-CLASS_IMAGE_STEPS = 20
-MAX_EXAMPLE_SIDE = (
-    512  # `data examples --size`  # sampler steps for DreamBooth's class images
-)
+CLASS_IMAGE_STEPS = 20  # sampler steps for DreamBooth's class images
+MAX_EXAMPLE_SIDE = 512  # `data examples --size`
 
 
 def cmd_finetune(args):

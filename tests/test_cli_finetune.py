@@ -159,6 +159,18 @@ def test_textual_inversion_writes_an_embedding(examples, base, bundled, tmp_path
     prompt = PROMPT.replace("heart", "<heart>")
     tuned = drawn(tmp_path, "tuned", prompt, "--embedding", out)
     assert changed(tuned, base["<heart>"]) > 1
+    # A1111's layout: {"emb_params": (n, D)}, the token being the file's name
+    a1111 = tmp_path / "a1111" / "heart.safetensors"
+    a1111.parent.mkdir()
+    err = finetune("textual_inversion", "--images", examples / "heart-ti", "--out",
+                   a1111, "--token", "<heart>", "--vectors", 2, "--init-token",
+                   "circle", "--lr", 0.05, "--format", "a1111", *FEW)  # fmt: skip
+    assert "prompts with heart.safetensors write 'heart', not '<heart>'" in err
+    with safe_open(a1111, "pt") as file:
+        assert list(file.keys()) == ["emb_params"]
+        assert file.get_tensor("emb_params").equal(vectors)  # the same run
+    same = drawn(tmp_path, "a1111", PROMPT, "--embedding", a1111)
+    assert np.array_equal(same, tuned)
 
 
 def test_lora_writes_a_lora_in_both_formats(examples, base, tmp_path):
