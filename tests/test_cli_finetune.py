@@ -102,6 +102,23 @@ def test_examples_draw_the_shape(examples):
     assert np.abs(centre - np.array(ALL_COLOURS[obj["colour"]])).max() <= 2
 
 
+def test_examples_of_a_colour(tmp_path):
+    """--colour pink: any base shape, painted pink, the token in the colour's place."""
+    from sdscratch.shapes.scenes import ALL_COLOURS, SHAPES
+
+    out = tmp_path / "pink"
+    code, _, err = run_cli("data", "examples", "--colour", "pink", "--count", 3,
+                           "--word", "<pink>", "--out", out)  # fmt: skip
+    assert code == 0, err
+    for line in (out / "metadata.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        words = entry["text"].split()
+        assert "<pink>" in words and "pink" not in words
+        assert words[words.index("<pink>") + 1] in SHAPES
+        pixels = np.asarray(Image.open(out / entry["file_name"])).reshape(-1, 3)
+        assert (np.abs(pixels - ALL_COLOURS["pink"]).max(axis=1) <= 2).sum() > 10
+
+
 def test_examples_bad_input(tmp_path):
     assert "--shape or --colour" in failure("examples", "--out", tmp_path / "x",
                                             command="data")  # fmt: skip
