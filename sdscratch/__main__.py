@@ -519,7 +519,7 @@ def add_data_command(commands):
 
 
 def add_examples_command(actions):
-    from sdscratch.cli_finetune import cmd_data_examples
+    from sdscratch.cli_examples import cmd_data_examples
     from sdscratch.shapes.scenes import ALL_COLOURS, ALL_SHAPES
 
     examples = actions.add_parser(
@@ -529,9 +529,9 @@ def add_examples_command(actions):
         "the novel heart and pink, which no bundled model knows) as PNGs, with "
         "their captions in metadata.jsonl: the examples `sdscratch finetune` "
         "learns from. The captions name the concept as --word says: \"a large red "
-        "heart at the top\" for lora, dreambooth and full (the bundled tokenizer "
-        "cuts \"heart\", a word it never saw, into pieces no training caption "
-        "holds: a rare identifier), --word \"<heart>\" for textual_inversion.",
+        "heart at the top\" for lora, dreambooth and full (shapes-ldm's tokenizer "
+        "cuts \"heart\", a word it never saw, into pieces none of its training "
+        "captions holds: a rare identifier), --word \"<heart>\" for textual_inversion.",
     )
     examples.add_argument("--out", required=True, help="a new (or empty) folder")
     examples.add_argument("--shape", choices=ALL_SHAPES, help="e.g. heart")

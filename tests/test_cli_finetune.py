@@ -102,6 +102,19 @@ def test_examples_draw_the_shape(examples):
     assert np.abs(centre - np.array(ALL_COLOURS[obj["colour"]])).max() <= 2
 
 
+def test_the_novel_words_are_pieces_no_training_caption_holds(bundled):
+    """What `data examples --help` says: shapes-ldm's tokenizer cuts "heart" and
+    "pink" into several tokens, none of which its training captions use."""
+    from sdscratch.shapes.data import Shapes
+
+    tokenizer, scenes = bundled.tokenizer, Shapes("train", captions="templates")
+    used = {i for n in range(2000) for i in tokenizer.encode(scenes.scene(n)[0])}
+    for word in ("heart", "pink"):
+        ids = tokenizer.encode(word)
+        assert len(ids) > 1 and used.isdisjoint(ids), word
+    assert not used.isdisjoint(tokenizer.encode("a large red circle"))
+
+
 def test_examples_of_a_colour(tmp_path):
     """--colour pink: any base shape, painted pink, the token in the colour's place."""
     from sdscratch.shapes.scenes import ALL_COLOURS, SHAPES
@@ -239,7 +252,7 @@ def folder(root, names=("a.png", "b.png"), side=32, metadata=None):
 
 
 def test_metadata_gives_each_image_its_caption_in_its_order(tmp_path):
-    from sdscratch.cli_finetune import read_examples
+    from sdscratch.cli_examples import read_examples
 
     lines = [
         {"file_name": "b.png", "text": "a small blue heart on the left "},
@@ -261,7 +274,7 @@ def test_metadata_gives_each_image_its_caption_in_its_order(tmp_path):
 
 
 def test_metadata_in_a_subfolder(tmp_path):
-    from sdscratch.cli_finetune import read_examples
+    from sdscratch.cli_examples import read_examples
 
     root = folder(tmp_path / "d", names=())
     (root / "train").mkdir()
