@@ -211,8 +211,9 @@ def write_model(pipe, out: Path, summary: dict, force: bool):
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        usual_mode(staging)
         pipe.save_pretrained(staging)
+        for path in [staging, *staging.rglob("*")]:
+            usual_mode(path)  # safetensors writes 0o600 files
         summary = dict(summary)  # the caller's stays whole
         quality = {key: summary.pop(key) for key in ("initial_loss", "final_loss")}
         write_manifest(

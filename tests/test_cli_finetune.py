@@ -58,6 +58,16 @@ def drawn(tmp_path, name, prompt=PROMPT, *options) -> np.ndarray:
     return np.asarray(Image.open(out), dtype=np.float64)
 
 
+def usual_mode(path) -> bool:
+    """Has the file the mode open() gives (0o666 less the umask), not 0o600?"""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    wanted = (0o777 if path.is_dir() else 0o666) & ~umask
+    return path.stat().st_mode & 0o777 == wanted
+
+
 def changed(image, base) -> float:
     """Mean absolute difference of two uint8 images, in levels of 255."""
     return float(np.abs(image - base).mean())
@@ -123,6 +133,7 @@ def test_examples_of_a_colour(tmp_path):
     code, _, err = run_cli("data", "examples", "--colour", "pink", "--count", 3,
                            "--word", "<pink>", "--out", out)  # fmt: skip
     assert code == 0, err
+    assert usual_mode(out)
     for line in (out / "metadata.jsonl").read_text().splitlines():
         entry = json.loads(line)
         words = entry["text"].split()
@@ -216,6 +227,7 @@ def test_lora_writes_a_lora_in_both_formats(examples, base, tmp_path):
         assert "lora_adapter_metadata" in file.metadata()
     with safe_open(files["kohya"], "pt") as file:
         assert all(key.startswith("lora_unet_") for key in file.keys())
+    assert all(usual_mode(path) for path in files.values())
     tuned = {f: drawn(tmp_path, f, PROMPT, "--lora", path) for f, path in files.items()}
     assert changed(tuned["diffusers"], base["heart"]) > 1
     assert np.array_equal(tuned["kohya"], tuned["diffusers"])  # the same LoRA
@@ -231,6 +243,7 @@ def test_dreambooth_and_full_write_a_model_folder(examples, base, tmp_path, meth
     assert manifest["steps"] == 6 and manifest["method"] == method
     assert 0 < manifest["quality"]["final_loss"] < 1
     assert "unet/model.safetensors" in manifest["sha256"]
+    assert usual_mode(out) and usual_mode(out / "unet" / "model.safetensors")
     tuned = drawn(tmp_path, "tuned", PROMPT, "--model", out)  # verified, loaded
     assert changed(tuned, base["heart"]) > 1
 
