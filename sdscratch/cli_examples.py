@@ -159,8 +159,7 @@ def cmd_data_examples(args):
     import random
 
     from sdscratch.shapes.captions import caption
-    from sdscratch.shapes.data import render_batch
-    from sdscratch.shapes.scenes import sample_attrs
+    from sdscratch.shapes.data import concept_scenes, render_batch
 
     if args.shape is None and args.colour is None:
         raise ValueError("Give --shape or --colour (or both): what the examples show.")
@@ -176,13 +175,9 @@ def cmd_data_examples(args):
         )
     concept = "shape" if args.shape is not None else "colour"
     word = args.word or getattr(args, concept)
-    scenes, lines = [], []
-    for i in range(args.count):
-        rng = random.Random(f"examples/{args.seed}/{i}")
-        attrs = sample_attrs(rng, two_objects=0.0)  # the base world's attributes...
-        for key in ("shape", "colour"):
-            attrs["objects"][0][key] = getattr(args, key) or attrs["objects"][0][key]
-        scenes.append(attrs)  # ...and the concept's
+    scenes = concept_scenes(args.count, args.seed, args.shape, args.colour)
+    rng, lines = random.Random(f"examples/{args.seed}"), []  # the captions' wording
+    for i, attrs in enumerate(scenes):
         said = {**attrs, "objects": [{**attrs["objects"][0], concept: word}]}
         name = f"{i:0{len(str(args.count - 1))}d}.png"
         lines.append(json.dumps({"file_name": name, "text": caption(said, rng)}))
