@@ -297,8 +297,8 @@ def add_finetune_command(commands):
         "finetune",
         help="teach a model something new from a few example images",
         description="Fine-tune a model on a folder of example images (and "
-        "metadata.jsonl captions, Hugging Face ImageFolder's: lines {\"file_name\": "
-        "..., \"text\": ...}). textual_inversion and lora write a .safetensors file "
+        'metadata.jsonl captions, Hugging Face ImageFolder\'s: lines {"file_name": '
+        '..., "text": ...}). textual_inversion and lora write a .safetensors file '
         "for generate --embedding / --lora; dreambooth and full a model folder for "
         "generate --model. A JSON record (NAME.json beside a file, MANIFEST.json in "
         "a folder) says how it was made. Nothing is written until training ends.",
@@ -329,12 +329,12 @@ def add_finetune_command(commands):
     finetune.add_argument(
         "--prompt",
         help="every image's caption (instead of metadata.jsonl's), e.g. "
-        "\"a large red heart at the top\"",
+        '"a large red heart at the top"',
     )
     only = {option: " and ".join(methods) for option, methods in METHOD_OPTIONS.items()}
     finetune.add_argument(
         "--token",
-        help=f"{only['token']}: the new word, e.g. \"<heart>\", which every caption "
+        help=f'{only["token"]}: the new word, e.g. "<heart>", which every caption '
         "holds where the concept's word goes",
     )
     finetune.add_argument(
@@ -528,10 +528,10 @@ def add_examples_command(actions):
         description="Write one-object Shapes scenes of a shape and/or colour (also "
         "the novel heart and pink, which no bundled model knows) as PNGs, with "
         "their captions in metadata.jsonl: the examples `sdscratch finetune` "
-        "learns from. The captions name the concept as --word says: \"a large red "
+        'learns from. The captions name the concept as --word says: "a large red '
         "heart at the top\" for lora, dreambooth and full (shapes-ldm's tokenizer "
-        "cuts \"heart\", a word it never saw, into pieces none of its training "
-        "captions holds: a rare identifier), --word \"<heart>\" for textual_inversion.",
+        'cuts "heart", a word it never saw, into pieces none of its training '
+        'captions holds: a rare identifier), --word "<heart>" for textual_inversion.',
     )
     examples.add_argument("--out", required=True, help="a new (or empty) folder")
     examples.add_argument("--shape", choices=ALL_SHAPES, help="e.g. heart")
@@ -547,7 +547,7 @@ def add_examples_command(actions):
     examples.add_argument(
         "--word",
         help="the captions' word for the concept (default: the shape's, else the "
-        "colour's), e.g. \"<heart>\" for textual inversion",
+        'colour\'s), e.g. "<heart>" for textual inversion',
     )
     examples.add_argument(
         "--size", type=positive_int, default=32, help="image side (default: 32)"
