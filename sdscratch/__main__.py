@@ -283,6 +283,119 @@ def cmd_train(args):
     print(f"trained in {manifest['wall_time_seconds']:.0f} s: {manifest['quality']}")
 
 
+def positive_float(text):
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
+
+
+def add_finetune_command(commands):
+    from sdscratch.cli_finetune import METHOD_OPTIONS, cmd_finetune
+    from sdscratch.finetune import LEARNING_RATES, METHODS
+
+    finetune = commands.add_parser(
+        "finetune",
+        help="teach a model something new from a few example images",
+        description="Fine-tune a model on a folder of example images (and "
+        'metadata.jsonl captions, Hugging Face ImageFolder\'s: lines {"file_name": '
+        '..., "text": ...}). textual_inversion and lora write a .safetensors file '
+        "for generate --embedding / --lora; dreambooth and full a model folder for "
+        "generate --model. A JSON record (NAME.json beside a file, MANIFEST.json in "
+        "a folder) says how it was made. Nothing is written until training ends.",
+    )
+    finetune.add_argument("method", choices=METHODS)
+    finetune.add_argument(
+        "--images",
+        required=True,
+        help="a folder of example images (PNG, JPEG...; square, resized to the "
+        "model's size), with metadata.jsonl or --prompt; `sdscratch data examples` "
+        "writes one",
+    )
+    finetune.add_argument(
+        "--out",
+        required=True,
+        help="a .safetensors file (textual_inversion, lora), or a new or empty "
+        "folder (dreambooth, full)",
+    )
+    finetune.add_argument(
+        "--force", action="store_true", help="replace --out if it exists"
+    )
+    finetune.add_argument(
+        "--model",
+        default="shapes-ldm",
+        help="the model to start from: a bundled name or a folder "
+        "(default: shapes-ldm)",
+    )
+    finetune.add_argument(
+        "--prompt",
+        help="every image's caption (instead of metadata.jsonl's), e.g. "
+        '"a large red heart at the top"',
+    )
+    only = {option: " and ".join(methods) for option, methods in METHOD_OPTIONS.items()}
+    finetune.add_argument(
+        "--token",
+        help=f'{only["token"]}: the new word, e.g. "<heart>", which every caption '
+        "holds where the concept's word goes",
+    )
+    finetune.add_argument(
+        "--init-token",
+        metavar="WORD",
+        help=f"{only['init_token']}: a word the new vectors start from, e.g. circle "
+        "(default: small random vectors)",
+    )
+    finetune.add_argument(
+        "--vectors",
+        type=positive_int,
+        help=f"{only['vectors']}: vectors of the new word (default: 1)",
+    )
+    finetune.add_argument(
+        "--rank", type=positive_int, help=f"{only['rank']}: r (default: 4)"
+    )
+    finetune.add_argument(
+        "--alpha",
+        type=positive_float,
+        help=f"{only['alpha']}: α; the change is scaled by α/r (default: α = r)",
+    )
+    finetune.add_argument(
+        "--class-prompt",
+        help=f"{only['class_prompt']}: the class's prompt; the base model draws "
+        "--class-images of it first, trained on beside the examples (prior "
+        "preservation)",
+    )
+    finetune.add_argument(
+        "--class-images",
+        type=positive_int,
+        help=f"{only['class_images']}: how many class images (default: 20)",
+    )
+    finetune.add_argument(
+        "--steps", type=positive_int, default=300, help="AdamW steps (default: 300)"
+    )
+    finetune.add_argument(
+        "--lr",
+        type=positive_float,
+        help="learning rate (default: "
+        + ", ".join(f"{rate:g} for {method}" for method, rate in LEARNING_RATES.items())
+        + ")",
+    )
+    finetune.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=4,
+        help="examples per step (default: 4)",
+    )
+    finetune.add_argument(
+        "--seed", type=seed, default=0, help="seed of every random draw (default: 0)"
+    )
+    finetune.add_argument(
+        "--format",
+        choices=("diffusers", "kohya", "a1111"),
+        help="the file's layout: diffusers (default), kohya (lora) or a1111 "
+        "(textual_inversion; the token is then the file's name)",
+    )
+    finetune.set_defaults(func=cmd_finetune)
+
+
 def cmd_evaluate(args):
     import json
 
@@ -403,6 +516,47 @@ def add_data_command(commands):
         "--seed", type=seed, default=0, help="Shapes' seed: the family of scenes"
     )
     shards.set_defaults(func=cmd_data_shards)
+    add_examples_command(actions)
+
+
+def add_examples_command(actions):
+    from sdscratch.cli_examples import cmd_data_examples
+    from sdscratch.shapes.scenes import ALL_COLOURS, ALL_SHAPES
+
+    examples = actions.add_parser(
+        "examples",
+        help="write example images of a shape or colour for `sdscratch finetune`",
+        description="Write one-object Shapes scenes of a shape and/or colour (also "
+        "the novel heart and pink, which no bundled model knows) as PNGs, with "
+        "their captions in metadata.jsonl: the examples `sdscratch finetune` "
+        'learns from. The captions name the concept as --word says: "a large red '
+        "heart at the top\" for lora, dreambooth and full (shapes-ldm's tokenizer "
+        'cuts "heart", a word it never saw, into pieces none of its training '
+        'captions holds: a rare identifier), --word "<heart>" for textual_inversion.',
+    )
+    examples.add_argument("--out", required=True, help="a new (or empty) folder")
+    examples.add_argument("--shape", choices=ALL_SHAPES, help="e.g. heart")
+    examples.add_argument(
+        "--colour", choices=tuple(ALL_COLOURS), help="e.g. pink (default: any)"
+    )
+    examples.add_argument(
+        "--count",
+        type=positive_int,
+        default=20,
+        help="how many images (default: 20)",
+    )
+    examples.add_argument(
+        "--word",
+        help="the captions' word for the concept (default: the shape's, else the "
+        'colour\'s), e.g. "<heart>" for textual inversion',
+    )
+    examples.add_argument(
+        "--size", type=positive_int, default=32, help="image side (default: 32)"
+    )
+    examples.add_argument(
+        "--seed", type=seed, default=0, help="seed of the scenes (default: 0)"
+    )
+    examples.set_defaults(func=cmd_data_examples)
 
 
 def cmd_book_build(args):
@@ -510,6 +664,7 @@ def build_parser() -> Parser:
         help="controlnet: zero convolutions (default) or randomly initialised ones",
     )
     train.set_defaults(func=cmd_train)
+    add_finetune_command(commands)
     add_evaluate_command(commands)
     add_data_command(commands)
     add_book_commands(commands)

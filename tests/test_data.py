@@ -604,3 +604,22 @@ def test_novel_scenes_hold_hearts_and_pink_and_base_scenes_never():
     assert [o["position"] for o in base["objects"]] == [
         o["position"] for o in novel["objects"]
     ]  # the same random draws, read against longer lists
+
+
+def test_concept_scenes_show_the_concept_in_every_other_variation():
+    from sdscratch.shapes.data import concept_scenes
+
+    scenes = concept_scenes(60, seed=0, shape="heart")
+    objects = [scene["objects"][0] for scene in scenes]
+    assert all(len(scene["objects"]) == 1 for scene in scenes)
+    assert {obj["shape"] for obj in objects} == {"heart"}
+    assert {obj["colour"] for obj in objects} == set(COLOURS)
+    assert {obj["size"] for obj in objects} == set(SIZES)
+    assert len({obj["position"] for obj in objects}) == len(POSITIONS)
+    assert concept_scenes(60, seed=0, shape="heart") == scenes
+    assert concept_scenes(60, seed=1, shape="heart") != scenes
+    pink = concept_scenes(30, colour="pink")
+    assert {scene["objects"][0]["colour"] for scene in pink} == {"pink"}
+    assert {scene["objects"][0]["shape"] for scene in pink} == set(SHAPES)
+    with pytest.raises(ValueError, match="Unknown shape 'hearts'"):
+        concept_scenes(1, shape="hearts")

@@ -81,7 +81,8 @@ def test_bad_requests_are_one_sentence(pipe, examples):
     images, captions = examples
     cases = [
         dict(method="dreambooth"),  # no class images
-        dict(method="lora", prior=(images, captions)),
+        dict(method="full", prior=(images, captions)),
+        dict(method="textual_inversion", token="<x>", prior=(images, captions)),
         dict(method="adapter"),
         dict(method="textual_inversion"),  # no token
         dict(method="lora", prompts=captions[:2]),

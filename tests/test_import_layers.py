@@ -31,6 +31,8 @@ LAYER_OF = {
     "sdscratch.pages": "course tooling",
     "sdscratch.__main__": "command line",
     "sdscratch.cli_files": "command line",
+    "sdscratch.cli_examples": "command line",
+    "sdscratch.cli_finetune": "command line",
 }
 MODULE_NAME = re.compile(r"sdscratch(\.\w+)+")
 
@@ -161,7 +163,9 @@ import torch
 import sdscratch
 core = [m.name for m in pkgutil.iter_modules(sdscratch.__path__, "sdscratch.")
         if not m.ispkg and m.name not in ("sdscratch.book", "sdscratch.pages",
-                                          "sdscratch.__main__", "sdscratch.cli_files")]
+                                          "sdscratch.__main__", "sdscratch.cli_files",
+                                          "sdscratch.cli_examples",
+                                          "sdscratch.cli_finetune")]
 for name in core:
     importlib.import_module(name)
 for name in sdscratch.EXPORTS:
@@ -170,7 +174,7 @@ pipe = sdscratch.StableDiffusion.from_pretrained("shapes-ldm")
 pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0))
 above = ("sdscratch.shapes", "sdscratch.recipes", "sdscratch.exercises",
          "sdscratch.book", "sdscratch.pages", "sdscratch.__main__",
-         "sdscratch.cli_files")
+         "sdscratch.cli_files", "sdscratch.cli_examples", "sdscratch.cli_finetune")
 print(len(core), sorted(m for m in sys.modules if m.startswith(above)))
 """
 

@@ -54,6 +54,7 @@ from sdscratch.shapes.scenes import (
     SHAPES,
     SIZES,
     SPLITS,
+    concept_scenes,
     sample_attrs,
     strip_geometry,
 )
@@ -89,6 +90,7 @@ __all__ = [
     "caption",
     "codes_satisfy",
     "collate",
+    "concept_scenes",
     "describe",
     "natural_caption",
     "object_masks",

@@ -17,6 +17,8 @@ radius. `strip_geometry(attrs)` drops them; it is what a caption says. Note that
 "A above B" and "B below A" are two attrs (and captions) for the same picture.
 """
 
+import random
+
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross")
 # Six well separated hues, as RGB in [0, 255].
 COLOURS = {
@@ -86,6 +88,28 @@ def sample_attrs(rng, two_objects=TWO_OBJECT_FRACTION, novel=False) -> dict:
     while _look(second) == _look(first):  # the two must differ in some attribute
         second = draw(RELATIONS[relation][1])
     return {"objects": [first, second], "relation": relation}
+
+
+def concept_scenes(count: int, seed=0, shape=None, colour=None) -> list[dict]:
+    """`count` one-object scenes showing a concept: every object has `shape` and/or
+    `colour` (e.g. the novel "heart"); its other attributes, the position and the
+    jitter are drawn as `sample_attrs` draws them, from a generator seeded with
+    `seed` and the concept. What fine-tuning learns from, and is measured on."""
+    known_shapes, known_colours = ALL_SHAPES, ALL_COLOURS
+    if shape is not None and shape not in known_shapes:
+        raise ValueError(f"Unknown shape {shape!r}; one of {known_shapes}.")
+    if colour is not None and colour not in known_colours:
+        raise ValueError(f"Unknown colour {colour!r}; one of {tuple(known_colours)}.")
+    rng = random.Random(f"concept/{shape}/{colour}/{seed}")
+    shapes = (shape,) if shape else SHAPES
+    colours = {colour: known_colours[colour]} if colour else COLOURS
+    return [
+        {
+            "objects": [_sample_object(rng, _choice(rng, POSITIONS), shapes, colours)],
+            "relation": None,
+        }
+        for _ in range(count)
+    ]
 
 
 def _choice(rng, options):
