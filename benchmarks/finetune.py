@@ -16,9 +16,12 @@ with 0; the bundled judge (which knows the heart) reads it.
 1. The table, 400 steps each. Per method (textual inversion with 1 and 4 vectors;
    LoRA on the UNet's attention projections with rank 1, 4, 16 and alpha = rank,
    without and with prior preservation, rank 4 with alpha 1 and 16, and on the
-   cross-attention's keys and values alone; DreamBooth with prior preservation;
-   full fine-tuning without). Prior preservation: the base model's own pictures of
-   400 base training captions, trained on beside the examples (Ruiz et al. 2023):
+   cross-attention's keys and values alone; DreamBooth with either prior; full
+   fine-tuning without). Prior preservation (Ruiz et al. 2023's loss) with
+   400 pictures trained on beside the examples: DreamBooth's class images (the base
+   model's own pictures of base training captions, "own") or real training pictures
+   ("real"); a LoRA trained on the own pictures alone, with no concept at all, shows
+   how much fine-tuning on them drifts by itself:
    concept accuracy (`--concept-n` held-out heart prompts, `concept_scenes(seed=1)`:
    every attribute right, and the shape alone), drift (prompt accuracy and FID on
    `--drift-n` base test prompts, against the base model's), trainable parameters,
@@ -52,34 +55,38 @@ from sdscratch.shapes.concepts import (
     concept_set,
     generate,
     prior_images,
+    training_prior,
     with_token,
 )
 from sdscratch.shapes.judge import attribute_accuracy
 from sdscratch.textual_inversion import save_embedding
 
 TOKEN = "<heart>"
-PRIOR = 400  # class images: the base model's own pictures of base training captions
+PRIOR = 400  # pictures trained on beside the examples (prior preservation)
 KV = ("attn2.to_k", "attn2.to_v")  # the cross-attention's keys and values
-# (name, method, options): the table's runs, 400 steps of 4 examples each
+TI = dict(token=TOKEN, init_token="circle", lr=5e-2)
+# (name, method, options): the table's runs; prior: "own" (DreamBooth's class
+# images, the base model's pictures) or "real" (training pictures)
 RUNS = (
-    ("textual inversion, 1 vector", "textual_inversion",
-     dict(token=TOKEN, num_vectors=1, init_token="circle", lr=5e-2)),
-    ("textual inversion, 4 vectors", "textual_inversion",
-     dict(token=TOKEN, num_vectors=4, init_token="circle", lr=5e-2)),
+    ("textual inversion, 1 vector", "textual_inversion", dict(TI, num_vectors=1)),
+    ("textual inversion, 4 vectors", "textual_inversion", dict(TI, num_vectors=4)),
     ("LoRA r1 a1", "lora", dict(rank=1, alpha=1)),
     ("LoRA r4 a4", "lora", dict(rank=4, alpha=4)),
     ("LoRA r16 a16", "lora", dict(rank=16, alpha=16)),
-    ("LoRA r1 a1 + prior", "lora", dict(rank=1, alpha=1, prior=True)),
-    ("LoRA r4 a4 + prior", "lora", dict(rank=4, alpha=4, prior=True)),
-    ("LoRA r16 a16 + prior", "lora", dict(rank=16, alpha=16, prior=True)),
-    ("LoRA r4 a1 + prior", "lora", dict(rank=4, alpha=1, prior=True)),
-    ("LoRA r4 a16 + prior", "lora", dict(rank=4, alpha=16, prior=True)),
-    ("LoRA r4 K,V + prior", "lora", dict(rank=4, alpha=4, targets=KV, prior=True)),
-    ("DreamBooth (prior)", "dreambooth", dict(lr=3e-4, prior=True)),
+    ("LoRA r4 a4 + own prior", "lora", dict(rank=4, alpha=4, prior="own")),
+    ("LoRA r1 a1 + real prior", "lora", dict(rank=1, alpha=1, prior="real")),
+    ("LoRA r4 a4 + real prior", "lora", dict(rank=4, alpha=4, prior="real")),
+    ("LoRA r16 a16 + real prior", "lora", dict(rank=16, alpha=16, prior="real")),
+    ("LoRA r4 a1 + real prior", "lora", dict(rank=4, alpha=1, prior="real")),
+    ("LoRA r4 a16 + real prior", "lora", dict(rank=4, alpha=16, prior="real")),
+    ("LoRA r4 K,V + real prior", "lora",
+     dict(rank=4, alpha=4, targets=KV, prior="real")),
+    ("DreamBooth, own prior", "dreambooth", dict(lr=3e-4, prior="own")),
+    ("DreamBooth, real prior", "dreambooth", dict(lr=3e-4, prior="real")),
     ("full (no prior)", "full", dict(lr=3e-4)),
 )  # fmt: skip
 STEPS = 400
-CURVES = ("LoRA r4 a4 + prior", "DreamBooth (prior)")  # against steps
+CURVES = ("LoRA r4 a4 + real prior", "DreamBooth, real prior")  # against steps
 
 
 def base_pipe() -> StableDiffusion:
@@ -111,17 +118,17 @@ def file_size(method, trained, pipe) -> int:
         return path.stat().st_size
 
 
-def train(method, options, steps, examples, prior=None, seed=0) -> tuple:
+def train(method, options, steps, examples, priors=None, seed=0) -> tuple:
     """A fresh base pipeline fine-tuned: (pipe, trained, CPU seconds).
 
     Args:
-        options: `finetune`'s; prior=True: with `prior` (the class images).
+        options: `finetune`'s; prior="own" or "real": with that one of `priors`.
     """
     images, captions = examples
     if method == "textual_inversion":
         captions = with_token(captions, "heart", TOKEN)
     options = dict(options)
-    prior = prior if options.pop("prior", False) else None
+    prior = priors[options.pop("prior")] if "prior" in options else None
     pipe = base_pipe()
     start = time.process_time()
     trained, _ = finetune(pipe, method, images, captions, steps=steps, seed=seed,
@@ -135,12 +142,12 @@ def trainable(method, trained) -> int:
     return count_parameters(trained.parameters())  # a LoRA's A and B, or the UNet
 
 
-def table(measure, examples, prior) -> list:
+def table(measure, examples, priors) -> list:
     base = {"name": "base model", **measure(base_pipe())}
     rows = [base]
     print(row_text(base))
     for name, method, options in RUNS:
-        pipe, trained, cpu = train(method, options, STEPS, examples, prior)
+        pipe, trained, cpu = train(method, options, STEPS, examples, priors)
         row = {"name": name, "steps": STEPS, "cpu_seconds": cpu,
                **measure(pipe, token=method == "textual_inversion"),
                "trainable": trainable(method, trained),
@@ -148,6 +155,11 @@ def table(measure, examples, prior) -> list:
         row["drift"] = row["base_accuracy"] - base["base_accuracy"]
         rows.append(row)
         print(row_text(row), flush=True)
+    pipe, _, cpu = train("lora", dict(rank=4, alpha=4), STEPS, priors["own"])
+    row = {"name": "LoRA r4 a4 on the own prior alone", "cpu_seconds": cpu,
+           **measure(pipe)}  # fmt: skip
+    rows.append(row | {"drift": row["base_accuracy"] - base["base_accuracy"]})
+    print(row_text(row), flush=True)
     return rows
 
 
@@ -163,7 +175,7 @@ def row_text(row) -> str:
             f"{pct('base_accuracy')} {row['fid']:7.2f} {extra}")  # fmt: skip
 
 
-def curve(measure, examples, prior, counts=(50, 100, 200, 400, 800)) -> dict:
+def curve(measure, examples, priors, counts=(50, 100, 200, 400, 800)) -> dict:
     """Concept accuracy and drift against steps (each count a run of its own), and
     against the LoRA's scale at inference."""
     result = {}
@@ -171,26 +183,26 @@ def curve(measure, examples, prior, counts=(50, 100, 200, 400, 800)) -> dict:
     for name, method, options in runs:
         result[name] = []
         for steps in counts:
-            pipe, trained, cpu = train(method, options, steps, examples, prior)
+            pipe, trained, cpu = train(method, options, steps, examples, priors)
             row = {"name": f"{name}, {steps} steps", "steps": steps,
                    "cpu_seconds": cpu, **measure(pipe)}  # fmt: skip
             result[name].append(row)
             print(row_text(row), flush=True)
-    pipe, lora, _ = train("lora", runs[0][2], STEPS, examples, prior)  # LoRA's
+    pipe, lora, _ = train("lora", runs[0][2], STEPS, examples, priors)  # LoRA's
     result["LoRA scale"] = []
     for scale in (0.25, 0.5, 0.75, 1.0, 1.25):
         lora.scale = scale
-        row = {"name": f"LoRA r4 a4 + prior, scale {scale}", "scale": scale,
+        row = {"name": f"LoRA r4 a4 + real prior, scale {scale}", "scale": scale,
                **measure(pipe)}  # fmt: skip
         result["LoRA scale"].append(row)
         print(row_text(row), flush=True)
     return result
 
 
-def merging(measure, examples, prior) -> dict:
+def merging(measure, examples, priors) -> dict:
     """Merged LoRA = unmerged; weighted sums of base and DreamBooth; two LoRAs."""
-    pipe, lora, _ = train("lora", dict(rank=4, alpha=4, prior=True), STEPS, examples,
-                          prior)  # fmt: skip
+    pipe, lora, _ = train("lora", dict(rank=4, alpha=4, prior="real"), STEPS,
+                          examples, priors)  # fmt: skip
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     context = pipe.text_encoder(pipe.tokenizer(["a large red heart"] * 2))
     t = torch.tensor([500, 100])
@@ -199,8 +211,8 @@ def merging(measure, examples, prior) -> dict:
         lora.merge()
         merged = pipe.unet(latents, t, context)
     result = {"merged_vs_unmerged": (hooked - merged).abs().max().item()}
-    booth, _, _ = train("dreambooth", dict(lr=3e-4, prior=True), STEPS, examples,
-                        prior)  # fmt: skip
+    booth, _, _ = train("dreambooth", dict(lr=3e-4, prior="real"), STEPS,
+                        examples, priors)  # fmt: skip
     result["weighted_sum"] = []
     for alpha in (0.25, 0.5, 0.75, 1.0):
         mixed = base_pipe()
@@ -209,17 +221,17 @@ def merging(measure, examples, prior) -> dict:
         result["weighted_sum"].append(row)
         print(row_text(row), flush=True)
     lora.unmerge()
-    result["two_loras"] = two_loras(measure, examples, lora, prior)
+    result["two_loras"] = two_loras(measure, examples, lora, priors)
     return result
 
 
-def two_loras(measure, examples, heart, prior) -> list:
+def two_loras(measure, examples, heart, priors) -> list:
     """The heart LoRA and a pink LoRA (learned from pink circles, squares, ...),
     each alone and both at once, on "a pink heart" prompts (N = concept-n)."""
     images, captions, _ = concept_set(len(examples[0]), seed=0, shape=None,
                                       colour="pink")  # fmt: skip
-    options = dict(rank=4, alpha=4, prior=True)
-    _, pink, _ = train("lora", options, STEPS, (images, captions), prior)
+    options = dict(rank=4, alpha=4, prior="real")
+    _, pink, _ = train("lora", options, STEPS, (images, captions), priors)
     _, prompts, attrs = concept_set(len(measure.drift.concept), 1, colour="pink")
     rows = []
     with tempfile.TemporaryDirectory() as folder:
@@ -253,15 +265,15 @@ def main():
     images, captions, _ = concept_set(args.examples, seed=0)
     examples = (images, captions)
     measure = measure_fn(args.concept_n, args.drift_n)
-    prior = prior_images(base_pipe(), PRIOR)
+    priors = {"own": prior_images(base_pipe(), PRIOR), "real": training_prior(PRIOR)}
     print(f"{'':<30} {'concept':>8} {'shape':>8} {'base':>8} {'FID':>7}")
     result = {"machine": machine()}
     if "1" in args.sections:
-        result["table"] = table(measure, examples, prior)
+        result["table"] = table(measure, examples, priors)
     if "2" in args.sections:
-        result["curve"] = curve(measure, examples, prior)
+        result["curve"] = curve(measure, examples, priors)
     if "3" in args.sections:
-        result["merging"] = merging(measure, examples, prior)
+        result["merging"] = merging(measure, examples, priors)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
 

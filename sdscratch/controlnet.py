@@ -391,19 +391,6 @@ def _hashable(value):
     return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
-UNET_WEIGHTS = "unet/model.safetensors"  # in one of our model folders
-
-
-def unet_digest(model) -> str | None:
-    """The sha256 of a model's UNet weights, as its MANIFEST.json records them (and
-    loading it checks them): our folders and bundled names; None for a diffusers
-    folder, a single file or a Hub repo id, which record none."""
-    from sdscratch.loading import locate
-
-    kind, where = locate(model)
-    return read_manifest(where)["sha256"].get(UNET_WEIGHTS) if kind == "ours" else None
-
-
 def check_trained_for(folder, model):
     """Refuse, in one sentence, a ControlNet trained on another UNet than `model`'s.
 
@@ -421,6 +408,8 @@ def check_trained_for(folder, model):
         return
     quality = read_manifest(folder).get("quality")
     wanted = quality.get("base_unet_sha256") if isinstance(quality, dict) else None
+    from sdscratch.loading import unet_digest
+
     have = unet_digest(model) if wanted else None
     if wanted and have and wanted != have:
         base = quality.get("base", "another model")

@@ -108,7 +108,8 @@ def finetune(
         prompts: their N captions (with the new token, for textual inversion).
         steps, lr, batch_size: AdamW steps, learning rate (default: by method),
             examples per step.
-        seed: draws the batches, timesteps and noise.
+        seed: draws the initial weights (a LoRA's A), the batches, timesteps and
+            noise: the same seed, the same result, whatever ran before.
         prior: DreamBooth's (class images, class prompts), e.g. from
             `class_images`; needed by "dreambooth", optional for "lora" (as
             diffusers' DreamBooth-LoRA script), refused by the others ("full" is
@@ -129,7 +130,9 @@ def finetune(
     generator = torch.Generator().manual_seed(seed)
     latents = encode_examples(pipe, images)
     prior_latents = None if prior is None else encode_examples(pipe, prior[0])
-    trained = start(pipe, method, **options)
+    with torch.random.fork_rng():  # a LoRA's A (or TI's start) from `seed` too
+        torch.manual_seed(seed)
+        trained = start(pipe, method, **options)
     order = torch.randperm(len(latents), generator=generator)
     batches = list(order.split(batch_size))
 

@@ -26,6 +26,7 @@ from sdscratch.checkpoint import (
     CheckpointError,
     check_scheduler_config,
     load_component,
+    read_manifest,
     verify,
 )
 from sdscratch.diffusers_folder import (
@@ -74,6 +75,18 @@ def bundled(name) -> Path:
         f"No checkpoint {str(name)!r} is bundled (bundled: {', '.join(names)}); "
         f"for a folder or file give its path, e.g. ./{name}."
     )
+
+
+UNET_WEIGHTS = "unet/model.safetensors"  # in one of our model folders
+
+
+def unet_digest(model) -> str | None:
+    """The sha256 of a model's UNet weights, as its MANIFEST.json records them (and
+    loading it checks them): our folders and bundled names; None for a diffusers
+    folder, a single file or a Hub repo id, which record none. What an add-on (a
+    ControlNet, a LoRA) records of the base it was trained on."""
+    kind, where = locate(model)
+    return read_manifest(where)["sha256"].get(UNET_WEIGHTS) if kind == "ours" else None
 
 
 def locate(name_or_path) -> tuple[str, object]:

@@ -25,12 +25,8 @@ import torch
 from torch import nn
 
 from sdscratch.checkpoint import load_component, save_component
-from sdscratch.controlnet import (
-    ControlNet,
-    ControlNetConfig,
-    steered_unet,
-    unet_digest,
-)
+from sdscratch.controlnet import ControlNet, ControlNetConfig, steered_unet
+from sdscratch.loading import unet_digest
 from sdscratch.pipeline import StableDiffusion
 from sdscratch.recipes.common import mean_of_last, recipe, scenes_seed, seeded
 from sdscratch.shapes.controls import CONTROLS, draw_controls

@@ -4,10 +4,13 @@ Twenty rendered hearts (`sdscratch.shapes.concepts.concept_set`, seed 0: the six
 colours, both sizes, every position), captioned as the base captions are ("a large
 red heart at the top"; the word is new to the tokenizer, so it is its own rare
 identifier). A rank-4 LoRA on the UNet's attention projections, trained with
-DreamBooth's prior preservation (Ruiz et al. 2023): beside the examples, the base
-model's own pictures of 400 base training captions, so that what it drew stays
-drawn. The folder written holds `pytorch_lora_weights.safetensors` (diffusers'
-format: `sdscratch generate --lora`, or diffusers' `load_lora_weights`).
+prior preservation (Ruiz et al. 2023's loss): beside the examples, 400 real training
+pictures with their captions, so that what it drew stays drawn. (DreamBooth's own
+class images, the base model's pictures of base captions, keep less:
+benchmarks/finetune.py measures both.) The folder written holds
+`pytorch_lora_weights.safetensors` (diffusers' format: `sdscratch generate --lora`,
+or diffusers' `load_lora_weights`), and the manifest the sha256 of the base UNet it
+was trained on.
 
 Its quality: concept accuracy on 100 held-out heart prompts and drift (prompt
 accuracy and FID on 500 base test prompts, against the base model's), as
@@ -15,14 +18,15 @@ accuracy and FID on 500 base test prompts, against the base model's), as
 """
 
 from sdscratch.finetune import finetune
+from sdscratch.loading import unet_digest
 from sdscratch.lora_files import save_lora
 from sdscratch.pipeline import StableDiffusion
 from sdscratch.recipes.common import recipe, scenes_seed
-from sdscratch.shapes.concepts import Drift, concept_set, prior_images
+from sdscratch.shapes.concepts import Drift, concept_set, training_prior
 
 LORA_BASE = "shapes-ldm"
 LORA_EXAMPLES = 20  # hearts it learns from
-LORA_PRIOR = 400  # class images: the base model's pictures of base captions
+LORA_PRIOR = 400  # real training pictures trained on beside the examples
 LORA_STEPS, LORA_RANK, LORA_LR = 400, 4, 1e-2
 LORA_FILE = "pytorch_lora_weights.safetensors"
 LORA_CONCEPT_N, LORA_DRIFT_N = 100, 500  # held-out heart prompts; base prompts
@@ -33,7 +37,7 @@ def train_heart_lora(out, seed, steps):
     """Fine-tune a LoRA on the hearts (with prior preservation), save, measure."""
     pipe = StableDiffusion.from_pretrained(LORA_BASE)
     images, captions, _ = concept_set(LORA_EXAMPLES, scenes_seed("heart-lora", seed))
-    prior = prior_images(pipe, LORA_PRIOR, seed)
+    prior = training_prior(LORA_PRIOR)
     steps = steps or LORA_STEPS
     lora, losses = finetune(pipe, "lora", images, captions, steps=steps, lr=LORA_LR,
                             seed=seed, prior=prior, rank=LORA_RANK,
@@ -48,6 +52,7 @@ def train_heart_lora(out, seed, steps):
         "steps": steps,
         "final_loss": round(sum(losses[-20:]) / len(losses[-20:]), 5),
         "base": LORA_BASE,
+        "base_unet_sha256": unet_digest(LORA_BASE),
         "parameters": sum(p.numel() for p in lora.parameters()),
         "concept_accuracy": after["concept"],
         "concept_accuracy_before": before["concept"],

@@ -1,8 +1,9 @@
 """A new concept for a trained model, and how to tell what fine-tuning did.
 
 What `sdscratch.finetune` needs from the Shapes world: examples of a concept the base
-model never saw (the novel heart, or pink: `concept_scenes`), DreamBooth's class
-images (the base model's own pictures of base captions), and the two measurements of
+model never saw (the novel heart, or pink: `concept_scenes`), images that keep the
+rest of what it knows (DreamBooth's class images, the base model's own pictures of
+base captions, or real training pictures), and the two measurements of
 a fine-tune: whether it learned the concept (concept accuracy, on held-out concept
 prompts) and what it broke (drift: the change of prompt accuracy and FID on base
 prompts). The bundled judge reads every image; it knows the novel shape and colour.
@@ -12,7 +13,7 @@ import torch
 
 from sdscratch.metrics import frechet_distance
 from sdscratch.shapes.captions import canonical_caption
-from sdscratch.shapes.data import concept_scenes, render_batch
+from sdscratch.shapes.data import Shapes, concept_scenes, render_batch
 from sdscratch.shapes.evaluate import evaluation_prompts, generate_images, real_features
 from sdscratch.shapes.judge import attribute_accuracy, bundled_judge, image_features
 
@@ -47,6 +48,15 @@ def prior_images(pipe, count, seed=0) -> tuple:
     "a shape", and a shape is anything the base model draws."""
     captions, _ = evaluation_prompts(count, split="train")
     return generate(pipe, captions, seed), captions
+
+
+def training_prior(count) -> tuple:
+    """Real pictures instead (kohya's "regularisation images"): the first `count`
+    training scenes and their captions, (images (count, 3, 32, 32), captions). The
+    model's own pictures carry its mistakes, and training on them teaches those
+    mistakes back; the data it learned from does not."""
+    images, captions, _ = Shapes("train").batch(range(count))
+    return images, list(captions)
 
 
 class Drift:
