@@ -13,7 +13,9 @@ The checkers (`sdscratch.safety`), on the tiny CLIP's image encoder:
 - "text": the text embedding of "a red triangle" (zero-shot, words only);
 - "text x10": ten concepts, "a {size} red triangle {where}", one threshold;
 - "images": the mean image embedding of 64 real red-triangle scenes (Shapes
-  train split, every size, position, one and two objects).
+  train split, every size, position, one and two objects);
+- "images x2": two concepts, the mean of 64 one-object and of 64 two-object
+  red-triangle scenes, one threshold.
 
 Each image's score is its largest cosine with the checker's concepts. The
 threshold is chosen on the even-numbered images (the largest F1) and measured on
@@ -75,11 +77,13 @@ def red_triangle(obj) -> bool:
     return obj["colour"] == "red" and obj["shape"] == "triangle"
 
 
-def examples(count=64) -> torch.Tensor:
-    """Real scenes with a red triangle, from the train split."""
+def examples(count=64, objects=None) -> torch.Tensor:
+    """Real scenes with a red triangle (and `objects` objects, or any number),
+    from the train split."""
     data, picked = Shapes("train"), []
-    for i in range(20 * count):
-        if any(red_triangle(o) for o in data.scene(i)[1]["objects"]):
+    for i in range(100 * count):
+        scene = data.scene(i)[1]["objects"]
+        if any(red_triangle(o) for o in scene) and objects in (None, len(scene)):
             picked.append(i)
         if len(picked) == count:
             break
@@ -93,6 +97,9 @@ def checkers(clip) -> dict:
         "text": concept_embeddings(clip, ["a red triangle"]),
         "text x10": concept_embeddings(clip, many),
         "images": concept_embeddings(clip, ["a red triangle"], "images", [examples()]),
+        "images x2": concept_embeddings(
+            clip, ["a red triangle"] * 2, "images", [examples(64, 1), examples(64, 2)]
+        ),
     }
     return {name: SafetyChecker(clip.image_encoder, e, 0.0) for name, e in made.items()}
 
@@ -182,7 +189,7 @@ def main():
     groups = categories(scenes)
     for name, checker in checkers(clip).items():
         flagged = report(name, checker, images, truth, groups)
-        if name == "images":
+        if name == "images x2":
             missed, alarms = (
                 images[truth & ~flagged][:12],
                 images[~truth & flagged][:12],

@@ -99,6 +99,26 @@ def test_erasure_moves_the_prediction_to_the_target(bundled, x_t):
     assert loss(erased) < 0.6 * loss(bundled)
 
 
+def test_preservation_keeps_other_prompts(bundled):
+    """With preservation, the prompts to keep move less than without it."""
+    anchors, kept = anchor_prompts(PROMPTS, "red"), ["a small red circle on the left"]
+    g = torch.Generator().manual_seed(4)
+    latents = bundled(kept * 8, generator=g, num_inference_steps=5,
+                      output_type="latent")  # fmt: skip
+    xs, t = noised(latents, bundled.schedule, g)
+    c = contexts(bundled, kept * 8)
+
+    def drift(pipe):
+        with torch.no_grad():
+            return (pipe.unet(xs, t, c) - bundled.unet(xs, t, c)).pow(2).mean()
+
+    options = dict(steps=25, lr=1e-3, batch_size=4, images_per_prompt=2)
+    free, _ = erase(bundled, PROMPTS, anchors, **options)
+    kept_model, _ = erase(bundled, PROMPTS, anchors, preserve=kept,
+                          preserve_weight=10.0, **options)  # fmt: skip
+    assert drift(kept_model) < 0.5 * drift(free)
+
+
 def test_anchor_prompts():
     assert anchor_prompts(PROMPTS, "red") == [
         "a small triangle on the left",
