@@ -3,6 +3,9 @@
     python benchmarks/erasing.py [--configs default,empty_anchor,...] [--unrelated 500]
         [--grid erasing.png]
 
+Grids: the first image of each concept prompt, and of every third red-other
+prompt, a row per model (base first), in GRID and GRID_red_other.png.
+
 The base model is the bundled shapes-ldm. The erased prompts are the ten
 "a {size} red triangle {where}" (2 sizes × 5 positions); their anchors the same
 without "red" ("a small triangle on the left"). Preservation prompts (configs
@@ -23,9 +26,13 @@ Figures, before (the base) and after each configuration:
   scenes that hold neither a red object nor a triangle (`evaluation_prompts`), FID
   against as many real val scenes without them.
 
-Configurations (ESD's train methods, `trains`): "default" xattn, anchor without
-"red", x_t noised, 200 steps at lr 2e-4; the others change one thing (see
-CONFIGS). CPU seconds are those of the erasure alone (one thread).
+Configurations (`CONFIGS`; ESD's train methods, `sdscratch.erase.trains`):
+"default" is `erase`'s defaults (xattn, x_t noised, 200 steps at lr 2e-4, batch 8)
+with the anchors without "red"; the others change one or two things: the anchor
+(the empty prompt, ESD proper; or "blue" for "red"), x_t ("sampled", ESD's partial
+sampling), the weights trained (noxattn, full, at lr 1e-4) and preservation (λ =
+10; "narrow": PRESERVE, "wide": PRESERVE and 30 unrelated val captions). CPU
+seconds are those of the erasure alone, with one thread.
 """
 
 import argparse
@@ -37,7 +44,7 @@ from _machine import machine  # benchmarks/_machine.py, beside this script
 
 from sdscratch.erase import anchor_prompts, erase
 from sdscratch.pipeline import StableDiffusion
-from sdscratch.shapes.data import Shapes, strip_geometry
+from sdscratch.shapes.data import Shapes, canonical_caption, strip_geometry
 from sdscratch.shapes.evaluate import evaluate_samples, evaluation_prompts
 from sdscratch.shapes.judge import bundled_judge, check, image_features
 from sdscratch.viz import make_grid, to_pil
@@ -55,19 +62,20 @@ PRESERVE = [f"a {s} red {shape} {w}" for shape in ("diamond", "cross")
             for s in SIZES for w in WHERE] + [
     f"a {s} {colour} triangle {w}" for colour in ("yellow", "purple")
     for s in SIZES for w in WHERE]  # fmt: skip
-BASE = dict(method="xattn", anchor="triangle", x_t="noised", steps=200, lr=2e-4,
-            preserve=False, preserve_weight=1.0)  # fmt: skip
-CONFIGS = {
+BASE = dict(method="xattn", anchor="no red", x_t="noised", lr=2e-4, preserve=None)
+CONFIGS = {  # each changes BASE (erase's defaults, with the anchors "no red")
     "default": {},
     "empty_anchor": dict(anchor="empty"),
     "sampled": dict(x_t="sampled"),
-    "xattn_preserve": dict(preserve=True, preserve_weight=10.0),
+    "xattn_preserve": dict(preserve="narrow"),
     "noxattn": dict(method="noxattn", lr=1e-4),
-    "noxattn_preserve": dict(
-        method="noxattn", lr=1e-4, preserve=True, preserve_weight=10.0
-    ),  # fmt: skip
+    "noxattn_preserve": dict(method="noxattn", lr=1e-4, preserve="narrow"),
     "full": dict(method="full", lr=1e-4),
-    "full_preserve": dict(method="full", lr=1e-4, preserve=True, preserve_weight=10.0),
+    "full_preserve": dict(method="full", lr=1e-4, preserve="narrow"),
+    "full_preserve_wide": dict(method="full", lr=1e-4, preserve="wide"),
+    "full_preserve_blue": dict(
+        method="full", lr=1e-4, preserve="narrow", anchor="blue"
+    ),  # fmt: skip
 }
 
 
@@ -146,19 +154,33 @@ def measure(pipe, unrelated) -> tuple[dict, dict]:
     return figures, images
 
 
+def preserved(kind) -> list[str]:
+    """Preservation prompts: none, PRESERVE ("narrow"), or PRESERVE and the
+    captions of the first 30 val scenes without a red object or a triangle
+    ("wide"; the unrelated figures are on test scenes)."""
+    if kind is None:
+        return []
+    if kind == "narrow":
+        return PRESERVE
+    val = Shapes("val")
+    scenes = [strip_geometry(val.scene(i)[1]) for i in range(200)]
+    return PRESERVE + [canonical_caption(s) for s in scenes if unrelated(s)][:30]
+
+
 def run_erasure(pipe, name) -> tuple:
     """Erase with configuration `name`: (the erased pipeline, CPU seconds, losses)."""
     config = BASE | CONFIGS[name]
-    anchors = None
-    if config["anchor"] == "triangle":
-        anchors = anchor_prompts(CONCEPT, "red", tokenizer=pipe.tokenizer)
+    anchors = {
+        "no red": anchor_prompts(CONCEPT, "red", tokenizer=pipe.tokenizer),
+        "blue": anchor_prompts(CONCEPT, "red", "blue", tokenizer=pipe.tokenizer),
+        "empty": None,
+    }[config["anchor"]]
+    preserve = preserved(config["preserve"])
     cpu = time.process_time()
     erased, losses = erase(pipe, CONCEPT, anchors, method=config["method"],
-                           steps=config["steps"], lr=config["lr"],
-                           x_t=config["x_t"],
-                           preserve=PRESERVE if config["preserve"] else (),
-                           preserve_weight=config["preserve_weight"],
-                           images_per_prompt=2 if config["preserve"] else 4,
+                           lr=config["lr"], x_t=config["x_t"], preserve=preserve,
+                           preserve_weight=10.0,
+                           images_per_prompt=2 if preserve else 4,
                            seed=0)  # fmt: skip
     return erased, time.process_time() - cpu, losses
 
@@ -172,9 +194,9 @@ def row(name, figures, seconds) -> str:
     return f"{name:18s} {text} {figures['fid']:7.2f} {seconds:7.1f}"
 
 
-def save_grid(images_by_name, path):
-    """The concept's first image per prompt, a row per model, enlarged 4×."""
-    rows = [images[::10] for images in images_by_name.values()]  # 10 each
+def save_grid(images_by_name, path, every):
+    """Every `every`-th image, a row per model, enlarged 4×."""
+    rows = [images[::every] for images in images_by_name.values()]  # 10 each
     grid = make_grid(torch.cat(rows), ncols=10)
     picture = to_pil(grid[None])[0]
     picture.resize((picture.width * 4, picture.height * 4), 0).save(path)
@@ -199,13 +221,16 @@ def main():
     base, images = measure(pipe, unrelated)
     print(row("base", base, 0.0), base["concept"]["colours"])
     grids = {"base": images["concept"]}
+    damage = {"base": images["red_other"]}
     for name in args.configs.split(","):
         erased, seconds, losses = run_erasure(pipe, name)
         figures, images = measure(erased, unrelated)
         print(row(name, figures, seconds), figures["concept"]["colours"])
         grids[name] = images["concept"]
+        damage[name] = images["red_other"]
     print(f"(final loss of the last run: {sum(losses[-20:]) / 20:.4f})")
-    save_grid(grids, args.grid)
+    save_grid(grids, args.grid, 10)  # each concept prompt's first image
+    save_grid(damage, args.grid.replace(".png", "_red_other.png"), 12)
     print(machine())
 
 

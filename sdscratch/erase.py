@@ -246,7 +246,7 @@ def erase(
     method="xattn",
     eta=1.0,
     steps=200,
-    lr=1e-4,
+    lr=2e-4,
     batch_size=8,
     x_t="noised",
     images_per_prompt=4,
