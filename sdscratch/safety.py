@@ -16,9 +16,16 @@ of a prompt ("a red triangle": zero-shot, nothing but the words) or as the mean
 image embedding of example images (`concept_embeddings`); `benchmarks/safety.py`
 measures both against the judge.
 
-The checker only sees what the image encoder makes of an image: what it cannot tell
-apart (a small object, one object among two) it cannot flag. That is the lesson of
-its precision and recall (`precision_recall`).
+The checker only sees what the image encoder makes of an image, one vector for the
+whole picture. On the bundled tiny CLIP (`benchmarks/safety.py`) it finds a red
+triangle alone in the picture every time, but misses it in about two of five
+two-object scenes, where the other object pulls the vector away; its false
+alarms are the near misses, red stars and other triangles, and scenes where
+"red" and "triangle" belong to two different objects (a binding error). The
+zero-shot text embedding ranks the images as well as the mean of 64 examples.
+
+    checker = SafetyChecker.from_clip(bundled_clip(), ["a red triangle"], 0.55)
+    images, flagged = checker(pipe(prompts, output_type="pt"))  # flagged: black
 """
 
 import torch
@@ -100,6 +107,20 @@ class SafetyChecker(nn.Module):
             self.special_thresholds = _per_concept(
                 special_thresholds, s, "special_thresholds"
             )
+
+    @classmethod
+    def from_clip(cls, clip, concepts, thresholds, source="text", examples=None):
+        """A checker on `clip`'s image encoder for the named concepts.
+
+        Args:
+            clip: a `sdscratch.clip.CLIP` (e.g. `sdscratch.metrics.bundled_clip()`).
+            concepts: K prompts naming the concepts ("a red triangle").
+            thresholds: K thresholds on the cosine, or one for all.
+            source, examples: how the concept vectors are made
+                (`concept_embeddings`).
+        """
+        embeds = concept_embeddings(clip, concepts, source, examples)
+        return cls(clip.image_encoder, embeds, thresholds, concepts)
 
     @torch.no_grad()
     def embed(self, images) -> torch.Tensor:

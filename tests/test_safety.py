@@ -124,8 +124,9 @@ def test_bundled_clip_tells_red_triangles_apart():
     examples = render_batch([{"objects": [one], "relation": None}])
     images = render_batch(scenes)
     for source in ("text", "images"):
-        embeds = concept_embeddings(clip, ["a red triangle"], source, [examples])
-        cos = (clip.image_encoder(images) @ embeds.T)[:, 0].detach()
+        checker = SafetyChecker.from_clip(clip, ["a red triangle"], 0.0, source,
+                                          [examples])  # fmt: skip
+        cos = checker.scores(images)[:, 0]  # the threshold is 0
         # AUROC: the share of (positive, negative) pairs ranked the right way
         auroc = (cos[positive][:, None] > cos[~positive][None, :]).float().mean()
         assert auroc > 0.8, source
