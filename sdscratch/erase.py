@@ -46,8 +46,13 @@ from 100 %). One reason: the text encoder is causal, so in "a small red triangle
 the word "red" has not yet seen "triangle", and its hidden state is the one it
 has in "a small red circle". Preservation on other red shapes and other-coloured
 triangles (λ = 10, on shapes and colours the damage is not measured on) repairs
-that for "noxattn" and "full" (about 99 % right) but not for "xattn" (56 %). The
-empty anchor, ESD proper, barely erases in 200 steps.
+that for "noxattn" and "full" (about 99 % right) but not for "xattn" (56 %); with
+30 unrelated captions preserved too, "full" left unrelated prompts where they were
+(prompt accuracy and FID within a point). The empty anchor, ESD proper, barely
+erases in 200 steps; the anchor "blue" (red → blue) overshoots, past blue, and
+breaks the triangles. What the judge does not see: the erased triangles are
+thinner than the original's, with concave sides, and small ones carry a few blue
+specks.
 
     anchors = anchor_prompts(prompts, "red")  # "a small triangle on the left"
     erased, losses = erase(pipe, prompts, anchors, method="full", lr=1e-4,
