@@ -11,7 +11,7 @@ The base model is the bundled shapes-ldm. The erased prompts are the ten
 without "red" ("a small triangle on the left"). Preservation prompts (configs
 that use them): red diamonds and crosses, yellow and purple triangles. Every
 image below comes from 20 DDIM steps at guidance 7.5, each set's noise from its
-own generator seeded with 1; erasure itself is seeded with 0. The bundled judge
+own generator seeded with 1; erasure itself is seeded with 0 (--seed). The bundled judge
 reads every image.
 
 Figures, before (the base) and after each configuration:
@@ -167,8 +167,9 @@ def preserved(kind) -> list[str]:
     return PRESERVE + [canonical_caption(s) for s in scenes if unrelated(s)][:30]
 
 
-def run_erasure(pipe, name) -> tuple:
-    """Erase with configuration `name`: (the erased pipeline, CPU seconds, losses)."""
+def run_erasure(pipe, name, seed=0) -> tuple:
+    """Erase with configuration `name` (`seed`: erase's): (the erased pipeline, CPU
+    seconds, losses)."""
     config = BASE | CONFIGS[name]
     anchors = {
         "no red": anchor_prompts(CONCEPT, "red", tokenizer=pipe.tokenizer),
@@ -181,7 +182,7 @@ def run_erasure(pipe, name) -> tuple:
                            lr=config["lr"], x_t=config["x_t"], preserve=preserve,
                            preserve_weight=10.0,
                            images_per_prompt=2 if preserve else 4,
-                           seed=0)  # fmt: skip
+                           seed=seed)  # fmt: skip
     return erased, time.process_time() - cpu, losses
 
 
@@ -208,6 +209,7 @@ def main():
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--unrelated", type=int, default=500)
     parser.add_argument("--grid", default="erasing.png")
+    parser.add_argument("--seed", type=int, default=0, help="erasure's seed")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(machine())
@@ -223,7 +225,7 @@ def main():
     grids = {"base": images["concept"]}
     damage = {"base": images["red_other"]}
     for name in args.configs.split(","):
-        erased, seconds, losses = run_erasure(pipe, name)
+        erased, seconds, losses = run_erasure(pipe, name, args.seed)
         figures, images = measure(erased, unrelated)
         print(row(name, figures, seconds), figures["concept"]["colours"])
         grids[name] = images["concept"]
