@@ -6,8 +6,9 @@ MANIFEST.json (command, seed, wall and CPU time, threads, load, sha256 of every 
 measured quality). A recipe takes `(out, seed, steps)`: the folder to write, the seed
 for every random draw, and an optional override of its number of training steps (for
 short runs and tests); it returns the quality it measured, as a dict. Together the
-core recipes (all but controlnet) run in 60 minutes or less on a 2-core CPU; an
-extension recipe (controlnet) takes at most 10 CPU minutes on top of its base.
+core recipes (all but controlnet and heart-lora) run in 60 minutes or less on a 2-core
+CPU; an extension recipe (controlnet, heart-lora) takes at most 10 CPU minutes on top
+of its base.
 
     common  the registry, `run_recipe`, threads, seeds and the manifest's keys
     judge   shapes-judge, the attribute classifier of sdscratch.shapes.judge
@@ -16,6 +17,7 @@ extension recipe (controlnet) takes at most 10 CPU minutes on top of its base.
     pixel   shapes-pixel-uncond and shapes-pixel-text, UNets on pixels
     ldm     shapes-ldm, the latent text-to-image model
     controlnet  shapes-controlnet, a ControlNet for shapes-ldm (outlines or masks)
+    finetune    shapes-heart-lora, a LoRA that teaches shapes-ldm the novel heart
 
 A recipe's constants live in its module (`sdscratch.recipes.judge.JUDGE_HELDOUT`).
 """
@@ -33,6 +35,7 @@ from sdscratch.recipes.common import (
     seeded,
 )
 from sdscratch.recipes.controlnet import train_controlnet
+from sdscratch.recipes.finetune import train_heart_lora
 from sdscratch.recipes.judge import train_judge
 from sdscratch.recipes.ldm import (
     LDM_PARTS,
@@ -74,6 +77,7 @@ __all__ = [
     "solid_colour_share",
     "train_clip",
     "train_controlnet",
+    "train_heart_lora",
     "train_judge",
     "train_ldm",
     "train_vae",

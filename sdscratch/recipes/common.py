@@ -74,6 +74,7 @@ SCENES_FOLLOW_SEED = {
     "pixel-text": (True, True),
     "ldm": (False, True),
     "controlnet": (False, True),
+    "heart-lora": (True, False),
 }
 
 # The keys of every recipe's MANIFEST.json (tests/test_recipes.py checks the bundled).

@@ -231,7 +231,7 @@ def evaluate_model(
     generator = torch.Generator().manual_seed(seed)
     settings = dict(num_inference_steps=num_inference_steps,
                     guidance_scale=guidance_scale, sampler=sampler)  # fmt: skip
-    images, wall, cpu = _generate(
+    images, wall, cpu = generate_images(
         pipe, captions, generator, batch_size, progress, **settings
     )  # (N, 3, H, W)
     counts = [len(scene["objects"]) for scene in attrs]
@@ -257,7 +257,7 @@ def _scores(images, captions, attrs, scenes, fid, judge, clip) -> dict:
     return result | {"fid_floor": frechet_distance(test, reference)}
 
 
-def _generate(pipe, captions, generator, batch_size, progress, **settings):
+def generate_images(pipe, captions, generator, batch_size, progress, **settings):
     """The pipeline's image for each caption, batch after batch from one generator.
 
     Returns:
