@@ -57,8 +57,10 @@ def check_swap_embeddings(fn) -> None:
 def _no_gradient(result, vectors) -> str | None:
     """A sentence if the vectors get no gradient through `result`, else None."""
     if not result.requires_grad:
-        return ("Not yet: the vectors are what trains, so the result must carry "
-                "their gradient: build it from `vectors`, not from a detached copy.")
+        return (
+            "Not yet: the vectors are what trains, so the result must carry "
+            "their gradient: build it from `vectors`, not from a detached copy."
+        )
     try:
         result.sum().backward()
     except RuntimeError as error:
