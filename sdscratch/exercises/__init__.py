@@ -59,6 +59,8 @@ from sdscratch.exercises.finetune import (
     check_merge_lora,
     check_prior_preservation_loss,
     check_swap_embeddings,
+    reference_lora_forward,
+    reference_merge_lora,
     reference_swap_embeddings,
 )
 from sdscratch.exercises.guidance import check_guided_noise, check_rescale_guidance
@@ -174,6 +176,8 @@ REFERENCES = {
         check_add_control_residuals,
     ),
     "swap_embeddings": (reference_swap_embeddings, check_swap_embeddings),
+    "lora_forward": (reference_lora_forward, check_lora_forward),
+    "merge_lora": (reference_merge_lora, check_merge_lora),
 }
 
 

@@ -72,12 +72,35 @@ def _no_gradient(result, vectors) -> str | None:
 
 def _random_lora(g, features_in, features_out, rank, alpha):
     """A `LoRALayer` on a random linear layer, with A and B both random."""
-    base = nn.Linear(features_in, features_out)
-    layer = LoRALayer(base, rank, alpha)
+    with torch.random.fork_rng():  # the default inits leave the global RNG as it was
+        base = nn.Linear(features_in, features_out)
+        layer = LoRALayer(base, rank, alpha)
     with torch.no_grad():
         for p in [*base.parameters(), *layer.parameters()]:
             p.copy_(torch.randn(p.shape, generator=g) * 0.5)
     return base, layer
+
+
+def _lora_on(base, lora_A, lora_B, alpha) -> LoRALayer:
+    """The package's `LoRALayer` on `base`, with the given A (r, in) and B (out, r)."""
+    with torch.random.fork_rng():
+        layer = LoRALayer(base, lora_A.shape[0], alpha)
+    with torch.no_grad():
+        layer.lora_A.weight.copy_(lora_A)
+        layer.lora_B.weight.copy_(lora_B)
+    return layer
+
+
+def reference_lora_forward(x, base, lora_A, lora_B, alpha):
+    """The package's LoRA layer output, base(x) + (α / r) · B A x."""
+    return base(x) + _lora_on(base, lora_A, lora_B, alpha)(x)
+
+
+def reference_merge_lora(weight, lora_A, lora_B, alpha):
+    """The package's merged weight, W + ΔW (`LoRALayer.delta_weight`)."""
+    with torch.random.fork_rng():
+        base = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    return weight + _lora_on(base, lora_A, lora_B, alpha).delta_weight()
 
 
 def check_lora_forward(fn) -> None:
