@@ -116,12 +116,13 @@ def control_options(args, control, pipe, side) -> dict:
     if args.init_image is not None:
         raise ValueError("--control steers text-to-image; drop --init-image.")
     from sdscratch.checkpoint import load_component, resolve, verify
-    from sdscratch.controlnet import ControlNet, ControlNetConfig
+    from sdscratch.controlnet import ControlNet, ControlNetConfig, check_trained_for
     from sdscratch.loading import is_path
 
     folder = resolve(args.controlnet)  # a bundled name, or a folder
     if not is_path(args.controlnet):
         verify(folder)  # a bundled one: checked against its manifest
+    check_trained_for(folder, args.model)  # the UNet it was trained on, if recorded
     controlnet = load_component(folder, ControlNet, ControlNetConfig)
     return dict(
         image=decode_image(control, args.control, "RGB", side),

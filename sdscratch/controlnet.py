@@ -22,6 +22,7 @@ import math
 import numbers
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from sdscratch.checkpoint import MANIFEST, CheckpointError, read_manifest
 from sdscratch.layers import TimestepEmbedding, timestep_embedding
 from sdscratch.unet import DownBlock, MidBlock, UNetConfig, _batch_timesteps
 
@@ -387,6 +389,46 @@ def check_fits(controlnet, unet, vae_scale_factor=None):
 
 def _hashable(value):
     return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+UNET_WEIGHTS = "unet/model.safetensors"  # in one of our model folders
+
+
+def unet_digest(model) -> str | None:
+    """The sha256 of a model's UNet weights, as its MANIFEST.json records them (and
+    loading it checks them): our folders and bundled names; None for a diffusers
+    folder, a single file or a Hub repo id, which record none."""
+    from sdscratch.loading import locate
+
+    kind, where = locate(model)
+    return read_manifest(where)["sha256"].get(UNET_WEIGHTS) if kind == "ours" else None
+
+
+def check_trained_for(folder, model):
+    """Refuse, in one sentence, a ControlNet trained on another UNet than `model`'s.
+
+    The controlnet recipe records its base's `unet_digest` in the ControlNet's
+    MANIFEST.json ("quality": "base_unet_sha256"). A ControlNet of the same widths
+    made for another UNet runs, but steers features it never saw; this tells the two
+    apart. Nothing is checked when either side records no digest.
+
+    Args:
+        folder: the ControlNet's folder.
+        model: the model it steers: a bundled name or a path, as `from_pretrained`.
+    """
+    folder = Path(folder)
+    if not (folder / MANIFEST).is_file():
+        return
+    quality = read_manifest(folder).get("quality")
+    wanted = quality.get("base_unet_sha256") if isinstance(quality, dict) else None
+    have = unet_digest(model) if wanted else None
+    if wanted and have and wanted != have:
+        base = quality.get("base", "another model")
+        raise CheckpointError(
+            f"{folder} was trained for the UNet of {base} (sha256 {wanted[:12]}…), "
+            f"not for the UNet of {model} (sha256 {have[:12]}…): train one for it "
+            f"with `python -m sdscratch train controlnet --base {model}`."
+        )
 
 
 def control_images(image, size, channels=3) -> torch.Tensor:

@@ -2,13 +2,22 @@
 leave the base as it was, a short run writes a folder `generate --controlnet` loads,
 and bad options are one sentence."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from conftest import run_cli
-from sdscratch.checkpoint import load_component, read_manifest, verify
+from sdscratch.checkpoint import (
+    load_component,
+    read_manifest,
+    resolve,
+    save_component,
+    verify,
+    write_manifest,
+)
 from sdscratch.controlnet import ControlNet, ControlNetConfig, steered_unet
 from sdscratch.pipeline import StableDiffusion
 from sdscratch.recipes import controlnet as recipe
@@ -73,6 +82,8 @@ def test_short_run_writes_a_controlnet_generate_loads(base, tmp_path, monkeypatc
     quality = manifest["quality"]
     assert (quality["control"], quality["connections"]) == ("mask", "zero")
     assert quality["steps"] == 2 and quality["eval_images"] == 20
+    base_digests = read_manifest(resolve("shapes-ldm"))["sha256"]
+    assert quality["base_unet_sha256"] == base_digests["unet/model.safetensors"]
     verify(out)
     controlnet = load_component(out, ControlNet, ControlNetConfig)
     assert controlnet.downsampling_factor == base.vae_scale_factor
@@ -108,8 +119,6 @@ def test_bad_options_are_one_sentence_exit_2(tmp_path, arguments, message):
 
 @pytest.fixture(scope="module")
 def bundled_controlnet():
-    from sdscratch.checkpoint import resolve
-
     folder = resolve("shapes-controlnet")
     verify(folder)
     return load_component(folder, ControlNet, ControlNetConfig), read_manifest(folder)
@@ -143,3 +152,31 @@ def test_cli_bundled_controlnet_resizes_another_size_once(tmp_path):
         "sdscratch: warning: The control image is 48×48 pixels; resized to 32×32, "
         "the size of the images being made.\n"
     )
+
+
+def test_cli_refuses_the_bundled_controlnet_for_another_unet(tmp_path):
+    """A copy of shapes-ldm takes the bundled ControlNet; the same copy with other
+    UNet weights (the same widths, so `check_fits` lets it through) is refused in
+    one sentence, exit 2, by the base's UNet digest its manifest records."""
+    scene = Shapes("test", length=1)[0][2]
+    control = draw_controls([scene], "outline")[0].permute(1, 2, 0).numpy()
+    Image.fromarray((control * 255).round().astype(np.uint8)).save(tmp_path / "c.png")
+    same, other = tmp_path / "same-ldm", tmp_path / "other-ldm"
+    for folder in (same, other):
+        shutil.copytree(resolve("shapes-ldm"), folder)
+    unet = load_component(other / "unet", UNet, UNetConfig)
+    with torch.no_grad():
+        unet.conv_out.bias.add_(0.01)
+    save_component(unet, other / "unet", unet.config)
+    write_manifest(other, "a copy of shapes-ldm, its UNet moved", 0, 0.0, {})
+    steering = ("--control", tmp_path / "c.png", "--controlnet", "shapes-controlnet")
+    results = {}
+    for folder in (same, other):
+        out = tmp_path / f"{folder.name}.png"
+        results[folder] = run_cli("generate", "a red circle", "--steps", "1",
+                                  "--model", folder, *steering, "-o", out)  # fmt: skip
+    assert results[same][0] == 0 and (tmp_path / "same-ldm.png").is_file()
+    code, _, err = results[other]
+    assert code == 2 and err.count("\n") == 1, err
+    assert "was trained for the UNet of shapes-ldm" in err and "other-ldm" in err
+    assert not (tmp_path / "other-ldm.png").exists()
