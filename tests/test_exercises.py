@@ -271,6 +271,31 @@ def zero_weight_only(in_channels, out_channels):
     return conv
 
 
+def swap_embeddings(embeddings, ids, new_ids, vectors):
+    out = embeddings.clone()
+    for j, i in enumerate(new_ids):
+        out = torch.where((ids == i)[..., None], vectors[j], out)
+    return out
+
+
+def lora_forward(x, base, lora_A, lora_B, alpha):
+    return base(x) + alpha / lora_A.shape[0] * (x @ lora_A.T @ lora_B.T)
+
+
+def merge_lora(weight, lora_A, lora_B, alpha):
+    return weight + alpha / lora_A.shape[0] * lora_B @ lora_A
+
+
+def prior_preservation_loss(eps, noise, prior_eps, prior_noise, prior_weight):
+    return F.mse_loss(eps, noise) + prior_weight * F.mse_loss(prior_eps, prior_noise)
+
+
+def swap_in_place(embeddings, ids, new_ids, vectors):
+    for j, i in enumerate(new_ids):
+        embeddings[ids == i] = vectors[j].detach()
+    return embeddings
+
+
 RIGHT = {
     "add_noise": add_noise, "snr": snr, "diffusion_loss": diffusion_loss,
     "ddpm_step": ddpm_step, "ddim_step": ddim_step, "karras_sigmas": karras_sigmas,
@@ -291,7 +316,9 @@ RIGHT = {
     "resblock_parameters": resblock_parameters, "bytes_in": bytes_in,
     "compvis_name": compvis_name, "zero_conv": zero_conv,
     "add_control_residuals": add_control_residuals,
-    "guidance_window": guidance_window,
+    "guidance_window": guidance_window, "swap_embeddings": swap_embeddings,
+    "lora_forward": lora_forward, "merge_lora": merge_lora,
+    "prior_preservation_loss": prior_preservation_loss,
 }  # fmt: skip
 
 # ----------------------------------------------------------------------------------
@@ -425,6 +452,29 @@ WRONG = [
      & (torch.arange(n) / n <= b)).float(), "(i + 1)/n"),
     ("guidance_window", lambda n, a, b: guidance_window(n, a, b).flip(0),
      "noisiest step"),
+    ("swap_embeddings", lambda e, ids, n, v: e + torch.where(torch.isin(
+        ids, torch.tensor(n))[..., None], swap_embeddings(e, ids, n, v), 0), "not add"),
+    ("swap_embeddings", lambda e, ids, n, v: swap_embeddings(e, ids, n, v[:1].expand(
+        len(n), -1)), "its own vector"),
+    ("swap_embeddings", lambda e, ids, n, v: torch.where(torch.isin(
+        ids, torch.tensor(n))[..., None], swap_embeddings(e, ids, n, v), 0),
+     "every other token"),
+    ("swap_embeddings", swap_in_place, "gradient"),
+    ("lora_forward", lambda x, b, la, lb, a: b(x) + x @ la.T @ lb.T, "α / r."),
+    ("lora_forward", lambda x, b, la, lb, a: b(x) + la.shape[0] / a * (
+        x @ la.T @ lb.T), "not r / α"),
+    ("lora_forward", lambda x, b, la, lb, a: lora_forward(x, b, la, lb, a) - b(x),
+     "base layer's output"),
+    ("merge_lora", lambda w, la, lb, a: w + a / la.shape[0] * (la.T @ lb.T),
+     "its transpose"),
+    ("merge_lora", lambda w, la, lb, a: w + lb @ la, "scale ΔW"),
+    ("merge_lora", lambda w, la, lb, a: a / la.shape[0] * lb @ la, "ΔW alone"),
+    ("prior_preservation_loss", lambda e, n, pe, pn, w: w * F.mse_loss(e, n)
+     + F.mse_loss(pe, pn), "weighs the prior"),
+    ("prior_preservation_loss", lambda e, n, pe, pn, w: F.mse_loss(
+        torch.cat([e, pe]), torch.cat([n, pn])), "sizes"),
+    ("prior_preservation_loss", lambda e, n, pe, pn, w: ((e - n) ** 2).sum()
+     + w * ((pe - pn) ** 2).sum(), "not a sum"),
 ]  # fmt: skip
 
 

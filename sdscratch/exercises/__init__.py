@@ -54,6 +54,15 @@ from sdscratch.exercises.evaluation import (
     check_frechet_from_stats,
     check_psnr_db,
 )
+from sdscratch.exercises.finetune import (
+    check_lora_forward,
+    check_merge_lora,
+    check_prior_preservation_loss,
+    check_swap_embeddings,
+    reference_lora_forward,
+    reference_merge_lora,
+    reference_swap_embeddings,
+)
 from sdscratch.exercises.guidance import check_guided_noise, check_rescale_guidance
 from sdscratch.exercises.levels import (
     check_predict_x0,
@@ -118,12 +127,15 @@ __all__ = [
     "check_img2img_start",
     "check_inpaint_blend",
     "check_karras_sigmas",
+    "check_lora_forward",
     "check_kl",
     "check_matrix_sqrt",
     "check_mean_gradient",
+    "check_merge_lora",
     "check_merge_pair",
     "check_min_snr_weight",
     "check_predict_x0",
+    "check_prior_preservation_loss",
     "check_psnr_db",
     "check_rank_batch",
     "check_reparameterize",
@@ -135,6 +147,7 @@ __all__ = [
     "check_sigmas",
     "check_snr",
     "check_split_heads",
+    "check_swap_embeddings",
     "check_timestep_embedding",
     "check_zero_conv",
 ]
@@ -162,6 +175,9 @@ REFERENCES = {
         reference_add_control_residuals,
         check_add_control_residuals,
     ),
+    "swap_embeddings": (reference_swap_embeddings, check_swap_embeddings),
+    "lora_forward": (reference_lora_forward, check_lora_forward),
+    "merge_lora": (reference_merge_lora, check_merge_lora),
 }
 
 
