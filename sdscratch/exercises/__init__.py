@@ -61,6 +61,12 @@ from sdscratch.exercises.levels import (
     check_sigmas,
     reference_scaled_linear_betas,
 )
+from sdscratch.exercises.merging import (
+    check_add_difference,
+    check_decide,
+    check_esd_target,
+    check_weighted_sum,
+)
 from sdscratch.exercises.networks import (
     check_attention,
     check_contrastive_loss,
@@ -89,6 +95,7 @@ from sdscratch.exercises.training import (
     check_encode_latents,
     check_min_snr_weight,
 )
+from sdscratch.merge import weighted_sum
 from sdscratch.metrics import frechet_distance_from_stats
 from sdscratch.samplers import img2img_start
 
@@ -96,6 +103,7 @@ __all__ = [
     "NOT_DONE",
     "yours_or_ours",
     "check_add_control_residuals",
+    "check_add_difference",
     "check_add_noise",
     "check_attention",
     "check_bytes_in",
@@ -106,10 +114,12 @@ __all__ = [
     "check_cross_attention",
     "check_ddim_step",
     "check_ddpm_step",
+    "check_decide",
     "check_diffusion_loss",
     "check_downsample_mask",
     "check_ema_update",
     "check_encode_latents",
+    "check_esd_target",
     "check_frechet_from_stats",
     "check_geglu",
     "check_guidance",
@@ -136,6 +146,7 @@ __all__ = [
     "check_snr",
     "check_split_heads",
     "check_timestep_embedding",
+    "check_weighted_sum",
     "check_zero_conv",
 ]
 
@@ -162,6 +173,7 @@ REFERENCES = {
         reference_add_control_residuals,
         check_add_control_residuals,
     ),
+    "weighted_sum": (weighted_sum, check_weighted_sum),
 }
 
 
