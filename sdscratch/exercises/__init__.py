@@ -153,6 +153,7 @@ __all__ = [
 # The package's version of each exercise whose function later cells use, with the
 # signature the learner writes.
 REFERENCES = {
+    "weighted_sum": (weighted_sum, check_weighted_sum),
     "diffusion_loss": (reference_diffusion_loss, check_diffusion_loss),
     "ddpm_step": (reference_ddpm_step, check_ddpm_step),
     "ddim_step": (reference_ddim_step, check_ddim_step),
@@ -173,7 +174,6 @@ REFERENCES = {
         reference_add_control_residuals,
         check_add_control_residuals,
     ),
-    "weighted_sum": (weighted_sum, check_weighted_sum),
 }
 
 
