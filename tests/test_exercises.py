@@ -217,6 +217,32 @@ def mean_gradient(grads, counts):
     return (grads * counts[:, None]).sum(0) / counts.sum()
 
 
+def weighted_sum(a, b, alpha):
+    return {key: ((1 - alpha) * x + alpha * b[key]).to(x.dtype)
+            if x.is_floating_point() else x.clone() for key, x in a.items()}
+
+
+def add_difference(a, b, c, alpha):
+    return {key: (x + alpha * (b[key] - c[key])).to(x.dtype)
+            if x.is_floating_point() else x.clone() for key, x in a.items()}
+
+
+def mix_everything(a, b, alpha):  # integer position ids averaged, then truncated
+    return {key: ((1 - alpha) * x + alpha * b[key]).to(x.dtype)
+            for key, x in a.items()}
+
+
+def esd_target(frozen, x_t, t, context, anchor_context, eta):
+    eps_anchor = frozen(x_t, t, anchor_context)
+    return eps_anchor - eta * (frozen(x_t, t, context) - eps_anchor)
+
+
+def decide(image_embeds, concept_embeds, thresholds):
+    cos = F.normalize(image_embeds, dim=-1) @ F.normalize(concept_embeds, dim=-1).T
+    scores = (cos - thresholds).round(decimals=3)
+    return scores, (scores > 0).any(1)
+
+
 def resblock_parameters(in_channels, out_channels, time_dim):
     convs = 9 * in_channels * out_channels + 9 * out_channels * out_channels
     count = convs + 2 * out_channels  # two 3×3 convolutions, with their biases
@@ -297,6 +323,8 @@ def swap_in_place(embeddings, ids, new_ids, vectors):
 
 
 RIGHT = {
+    "weighted_sum": weighted_sum, "add_difference": add_difference,
+    "esd_target": esd_target, "decide": decide,
     "add_noise": add_noise, "snr": snr, "diffusion_loss": diffusion_loss,
     "ddpm_step": ddpm_step, "ddim_step": ddim_step, "karras_sigmas": karras_sigmas,
     "timestep_embedding": timestep_embedding, "resblock": resblock,
@@ -325,6 +353,29 @@ RIGHT = {
 # Wrong answers a learner writes, and a word of the hint each must get
 
 WRONG = [
+    ("weighted_sum", mix_everything, "never mix"),
+    ("weighted_sum", lambda a, b, al: {k: (1 - al) * x + al * b[k]
+                                      for k, x in a.items()}, "indices"),
+    ("weighted_sum", lambda a, b, al: weighted_sum(a, b, 1 - al), "B's share"),
+    ("weighted_sum", lambda a, b, al: add_difference(a, b, {k: 0 * x for k, x in
+                                                            b.items()}, al), "add up"),
+    ("add_difference", lambda a, b, c, al: add_difference(a, c, b, al), "B − C"),
+    ("add_difference", lambda a, b, c, al: add_difference(a, b, c, 1.0), "by α"),
+    ("add_difference", lambda a, b, c, al: {k: (x + al * (b[k] - c[k])).to(x.dtype)
+                                            for k, x in a.items()}, "never mix"),
+    ("esd_target", lambda f, x, t, c, a, e: esd_target(f, x, t, c, a, -e),
+     "do not add"),
+    ("esd_target", lambda f, x, t, c, a, e: f(x, t, c) - e * (f(x, t, c)
+                                                        - f(x, t, a)), "anchor's"),
+    ("esd_target", lambda f, x, t, c, a, e: esd_target(f, x, t, c, a, 1.0), "by η"),
+    ("decide", lambda i, c, th: (decide(i, c, th)[0], (decide(i, c, th)[0] >= 0)
+                                 .any(1)), "exactly 0"),
+    ("decide", lambda i, c, th: (decide(i, c, th)[0], (decide(i, c, th)[0] > 0)
+                                 .all(1)), "*any*"),
+    ("decide", lambda i, c, th: ((i @ c.T - th).round(decimals=3), None),
+     "dot product"),
+    ("decide", lambda i, c, th: ((F.normalize(i, dim=-1) @ F.normalize(c, dim=-1).T)
+                                 .round(decimals=3), None), "each concept's own"),
     ("add_noise", lambda x0, n, t, ac: ac[t].reshape(-1, 1, 1, 1) * x0
      + (1 - ac[t].reshape(-1, 1, 1, 1)) * n, "square roots"),
     ("add_noise", lambda x0, n, t, ac: add_noise(x0, n, t - 1, ac), "[t - 1]"),

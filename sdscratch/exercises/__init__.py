@@ -70,6 +70,12 @@ from sdscratch.exercises.levels import (
     check_sigmas,
     reference_scaled_linear_betas,
 )
+from sdscratch.exercises.merging import (
+    check_add_difference,
+    check_decide,
+    check_esd_target,
+    check_weighted_sum,
+)
 from sdscratch.exercises.networks import (
     check_attention,
     check_contrastive_loss,
@@ -98,6 +104,7 @@ from sdscratch.exercises.training import (
     check_encode_latents,
     check_min_snr_weight,
 )
+from sdscratch.merge import weighted_sum
 from sdscratch.metrics import frechet_distance_from_stats
 from sdscratch.samplers import img2img_start
 
@@ -105,6 +112,7 @@ __all__ = [
     "NOT_DONE",
     "yours_or_ours",
     "check_add_control_residuals",
+    "check_add_difference",
     "check_add_noise",
     "check_attention",
     "check_bytes_in",
@@ -115,10 +123,12 @@ __all__ = [
     "check_cross_attention",
     "check_ddim_step",
     "check_ddpm_step",
+    "check_decide",
     "check_diffusion_loss",
     "check_downsample_mask",
     "check_ema_update",
     "check_encode_latents",
+    "check_esd_target",
     "check_frechet_from_stats",
     "check_geglu",
     "check_guidance",
@@ -149,12 +159,14 @@ __all__ = [
     "check_split_heads",
     "check_swap_embeddings",
     "check_timestep_embedding",
+    "check_weighted_sum",
     "check_zero_conv",
 ]
 
 # The package's version of each exercise whose function later cells use, with the
 # signature the learner writes.
 REFERENCES = {
+    "weighted_sum": (weighted_sum, check_weighted_sum),
     "diffusion_loss": (reference_diffusion_loss, check_diffusion_loss),
     "ddpm_step": (reference_ddpm_step, check_ddpm_step),
     "ddim_step": (reference_ddim_step, check_ddim_step),
