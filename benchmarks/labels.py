@@ -3,6 +3,8 @@
     python benchmarks/labels.py sheets --first 0 --count 80 -o /tmp/sheets
     python benchmarks/labels.py pack NOTES.txt -o tests/data/labels/NAME.json
     python benchmarks/labels.py agree [tests/data/labels/*.json]
+    python benchmarks/labels.py sheets --prompts heart --lora shapes-heart-lora:0.75 \
+        --count 60 -o /tmp/sheets
 
 The images are those of `evaluate`'s prompts (the canonical captions of the test
 split, in order), image i drawn alone from seed i, with `SETTINGS` (20 DDIM steps,
@@ -12,6 +14,13 @@ line per image, "12: star red large left | unreadable blue small right"; `pack`
 regenerates the images, stores them with the labels (`sdscratch.shapes.labels`)
 and `agree` prints how often the bundled judge and the outline measure say what
 the labeller saw, per attribute and by size.
+
+`--prompts heart` takes the held-out heart prompts instead (the captions of
+`concept_set(n, seed=1)`, "a large red heart at the top"); `--lora NAME:SCALE`
+loads a bundled LoRA into the model first (stored in the labels file, with its
+sha256); `--offset K` numbers the images K + index (seeds stay the index), and
+`pack --append` adds them to an existing labels file of the same model, so one
+file can hold several prompt sets.
 """
 
 import argparse
@@ -24,6 +33,7 @@ from _machine import machine  # benchmarks/_machine.py, beside this script
 
 from sdscratch.checkpoint import resolve
 from sdscratch.pipeline import StableDiffusion
+from sdscratch.shapes.concepts import concept_set
 from sdscratch.shapes.evaluate import evaluation_prompts
 from sdscratch.shapes.judge import check
 from sdscratch.shapes.labels import (
@@ -46,17 +56,43 @@ from sdscratch.shapes.outline import outline_check
 LABELS = Path(__file__).parent.parent / "tests" / "data" / "labels"
 
 
-def images_for(model, first, count):
-    """Prompts first … first + count − 1 and their images, seed = index."""
-    prompts, _ = evaluation_prompts(first + count)
-    ids = list(range(first, first + count))
-    prompts = [prompts[i] for i in ids]
-    pipe = StableDiffusion.from_pretrained(model)
-    return ids, prompts, generate(pipe, prompts, ids)
+def lora_of(text):
+    """"NAME:SCALE" -> the labels file's "lora" entry (None for no LoRA)."""
+    if not text:
+        return None
+    name, _, scale = text.rpartition(":")
+    try:
+        scale = float(scale)
+    except ValueError:
+        raise ValueError(f"--lora {text!r}: give NAME:SCALE, e.g. "
+                         "shapes-heart-lora:0.75.") from None  # fmt: skip
+    weights = resolve(name) / "pytorch_lora_weights.safetensors"
+    if not weights.is_file():
+        raise ValueError(f"--lora {name!r} has no pytorch_lora_weights.safetensors.")
+    sha = hashlib.sha256(weights.read_bytes()).hexdigest()
+    return {"file": name, "scale": scale, "sha256": sha}
+
+
+def images_for(args, first, count):
+    """Prompts first … first + count − 1 of `args.prompts` and their images (seed =
+    index), from `args.model` with `args.lora` loaded."""
+    if args.prompts == "heart":
+        _, prompts, _ = concept_set(first + count, seed=1)
+    else:
+        prompts, _ = evaluation_prompts(first + count)
+    seeds = list(range(first, first + count))
+    prompts = [prompts[i] for i in seeds]
+    pipe = StableDiffusion.from_pretrained(args.model)
+    lora = lora_of(args.lora)
+    if lora is not None:
+        weights = resolve(lora["file"]) / "pytorch_lora_weights.safetensors"
+        pipe.load_lora_weights(weights, lora["scale"])
+    return seeds, prompts, generate(pipe, prompts, seeds)
 
 
 def make_sheets(args):
-    ids, _, images = images_for(args.model, args.first, args.count)
+    seeds, _, images = images_for(args, args.first, args.count)
+    ids = [args.offset + seed for seed in seeds]
     Path(args.out).mkdir(parents=True, exist_ok=True)
     for k in range(0, len(ids), 20):
         path = Path(args.out) / f"sheet_{ids[k]:04d}.png"
@@ -68,24 +104,40 @@ def pack(args):
     lines = [line for line in Path(args.notes).read_text().splitlines() if line.strip()]
     notes = dict(parse_line(line) for line in lines)
     ids = sorted(notes)
-    if ids != list(range(ids[0], ids[0] + len(ids))):
-        raise SystemExit("The notes must label consecutive ids.")
-    ids, prompts, images = images_for(args.model, ids[0], len(ids))
+    if ids != list(range(ids[0], ids[0] + len(ids))) or ids[0] < args.offset:
+        raise SystemExit("The notes must label consecutive ids from --offset on.")
+    seeds, prompts, images = images_for(args, ids[0] - args.offset, len(ids))
     unet = resolve(args.model) / "unet" / "model.safetensors"
     entries = []
-    for i, prompt, image in zip(ids, prompts, images):
+    for i, seed, prompt, image in zip(ids, seeds, prompts, images):
         png, sha = encode_image(image)
-        entries.append({"id": i, "prompt": prompt, "seed": i, "png": png,
+        entries.append({"id": i, "prompt": prompt, "seed": seed, "png": png,
                         "sha256": sha, "objects": notes[i]})  # fmt: skip
-    save_labels(args.out, {
+    head = {
         "model": args.model,
         "model_unet_sha256": hashlib.sha256(unet.read_bytes()).hexdigest(),
         "settings": SETTINGS,
         "labeller": args.labeller,
         "notes": args.about,
-        "images": entries,
-    })  # fmt: skip
+    }
+    if args.lora:
+        head["lora"] = lora_of(args.lora)
+    if args.append:
+        head, entries = appended(args.out, head, entries)
+    save_labels(args.out, head | {"images": entries})
     print(f"{len(entries)} labelled images -> {args.out}")
+
+
+def appended(path, head, entries):
+    """The labels file at `path` with `entries` added: (its head, all entries)."""
+    labels = load_labels(path)
+    for key in ("model", "model_unet_sha256", "settings", "lora"):
+        if labels.get(key) != head.get(key):
+            raise ValueError(f"{path} has another {key}; cannot append to it.")
+    old = labels.pop("images")
+    if {entry["id"] for entry in old} & {entry["id"] for entry in entries}:
+        raise ValueError(f"{path} already has some of these ids (see --offset).")
+    return labels, old + entries
 
 
 def agree(args):
@@ -130,13 +182,21 @@ def main():
     packer.add_argument("-o", "--out", required=True)
     packer.add_argument("--labeller", default="")
     packer.add_argument("--about", default="", help="how the labels were made")
+    packer.add_argument("--append", action="store_true",
+                        help="add to the file -o instead of writing it")  # fmt: skip
     for command in (sheets, packer):
         command.add_argument("--model", default="shapes-ldm")
+        command.add_argument("--prompts", choices=("full", "heart"), default="full")
+        command.add_argument("--lora", default="", help="NAME:SCALE of a bundled LoRA")
+        command.add_argument("--offset", type=int, default=0, help="id of seed 0")
     scorer = commands.add_parser("agree", help="readers against labels files")
     scorer.add_argument("files", nargs="*")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    {"sheets": make_sheets, "pack": pack, "agree": agree}[args.command](args)
+    try:
+        {"sheets": make_sheets, "pack": pack, "agree": agree}[args.command](args)
+    except ValueError as error:
+        parser.exit(2, f"{error}\n")
 
 
 if __name__ == "__main__":

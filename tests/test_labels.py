@@ -42,6 +42,14 @@ BELOW_TARGET = {
     # The outline measure reads lumpy blobs as circles, thin crosses as diamonds.
     ("shapes-ldm-pilot", "outline"): SHAPE_BELOW,
     ("shapes-ldm-pilot-2", "outline"): SHAPE_BELOW,
+    # With the heart LoRA (scale 0.75): the judge calls the LoRA's winged and
+    # club-like blobs "heart" (5 of the 6 large unreadable shapes), small circles
+    # "star" (6 of 11), small ovals and 4-point sparkles "cross"; it misses a faint
+    # blob and calls the smaller of two hearts large (size: small 96.8 %).
+    ("shapes-heart-lora", "judge"): SHAPE_BELOW | {("size", "small")},
+    # The outline measure calls those blobs "heart" too (6 of 6), small hearts
+    # "circle" (5 of 25), small ovals and triangles "unreadable".
+    ("shapes-heart-lora", "outline"): SHAPE_BELOW,
 }
 
 
@@ -115,6 +123,9 @@ def test_bad_labels_are_refused(tmp_path):
     (tmp_path / "b.json").write_text("{not json")
     with pytest.raises(LabelsError):
         load_labels(tmp_path / "b.json")
+    save_labels(tmp_path / "c.json", labels | {"lora": {"file": "shapes-heart-lora"}})
+    with pytest.raises(LabelsError, match="lora"):
+        load_labels(tmp_path / "c.json")
     tampered = copy.deepcopy(labels["images"][1])
     tampered["sha256"] = "0" * 64
     with pytest.raises(LabelsError, match="sha256"):

@@ -17,6 +17,10 @@ A labels file is JSON:
                  "objects": [{"shape": "circle", "colour": "red", "size": "small",
                               "position": "left"}]}, …]}
 
+A file of a model with a LoRA loaded (at its scale, before drawing) also has
+"lora": {"file": "shapes-heart-lora", "scale": 0.75, "sha256": "<of its weights>"},
+the bundled LoRA's name; files without it are of the model alone.
+
 Each object is what the labeller saw, not what was asked; its shape, colour or
 size may be "unreadable" (a blob that is no shape, a colour between two). The
 image itself is stored (a 32×32 PNG is ~1 KB), so the labels keep meaning what
@@ -163,6 +167,8 @@ def load_labels(path) -> dict:
                 entry[key]  # noqa: B018 (raises KeyError if missing)
             for obj in entry["objects"]:
                 check_object(obj, f"{path}, image {entry['id']}")
+        if "lora" in labels and set(labels["lora"]) != {"file", "scale", "sha256"}:
+            raise LabelsError(f"{path}: a lora needs exactly file, scale and sha256.")
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
         raise LabelsError(f"{path} is not a labels file ({error!r}).") from error
     return labels
