@@ -57,7 +57,7 @@ LABELS = Path(__file__).parent.parent / "tests" / "data" / "labels"
 
 
 def lora_of(text):
-    """"NAME:SCALE" -> the labels file's "lora" entry (None for no LoRA)."""
+    """ "NAME:SCALE" -> the labels file's "lora" entry (None for no LoRA)."""
     if not text:
         return None
     name, _, scale = text.rpartition(":")

@@ -218,18 +218,25 @@ def mean_gradient(grads, counts):
 
 
 def weighted_sum(a, b, alpha):
-    return {key: ((1 - alpha) * x + alpha * b[key]).to(x.dtype)
-            if x.is_floating_point() else x.clone() for key, x in a.items()}
+    return {
+        key: ((1 - alpha) * x + alpha * b[key]).to(x.dtype)
+        if x.is_floating_point()
+        else x.clone()
+        for key, x in a.items()
+    }
 
 
 def add_difference(a, b, c, alpha):
-    return {key: (x + alpha * (b[key] - c[key])).to(x.dtype)
-            if x.is_floating_point() else x.clone() for key, x in a.items()}
+    return {
+        key: (x + alpha * (b[key] - c[key])).to(x.dtype)
+        if x.is_floating_point()
+        else x.clone()
+        for key, x in a.items()
+    }
 
 
 def mix_everything(a, b, alpha):  # integer position ids averaged, then truncated
-    return {key: ((1 - alpha) * x + alpha * b[key]).to(x.dtype)
-            for key, x in a.items()}
+    return {key: ((1 - alpha) * x + alpha * b[key]).to(x.dtype) for key, x in a.items()}
 
 
 def esd_target(frozen, x_t, t, context, anchor_context, eta):
