@@ -66,6 +66,7 @@ import torch
 import torch.nn.functional as F
 
 from sdscratch.lora import freeze
+from sdscratch.pipeline import classifier_free_guidance
 from sdscratch.samplers import ddim_step, noise_levels
 from sdscratch.train import fit
 
@@ -246,14 +247,12 @@ def sampled(unet, context, uncond, schedule, generator, guidance_scale=3.0,
         (x_t (B, C, h, w), t (B,)): the level reached and its timestep.
     """
     levels = noise_levels("ddim", steps, schedule)
+    eps_fn = classifier_free_guidance(unet, context, uncond, guidance_scale)
     stop = int(torch.randint(0, steps, (), generator=generator))
     x = torch.randn((len(context), *shape), generator=generator).to(context)
     for i in range(stop):
         t = levels.timesteps[i].to(x.device).repeat(len(x))
-        both = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, context]))
-        eps_uncond, eps_text = both.chunk(2)
-        eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)
-        x, _ = ddim_step(levels, i, x, eps)
+        x, _ = ddim_step(levels, i, x, eps_fn(x, t))
     return x, levels.timesteps[stop].to(x.device).repeat(len(x))
 
 
