@@ -21,9 +21,10 @@ scale that benchmark's sweep found to keep the heart and lose least of the rest
 
 from sdscratch.finetune import finetune
 from sdscratch.loading import unet_digest
+from sdscratch.lora import count_parameters
 from sdscratch.lora_files import save_lora
 from sdscratch.pipeline import StableDiffusion
-from sdscratch.recipes.common import recipe, scenes_seed
+from sdscratch.recipes.common import mean_of_last, recipe, scenes_seed
 from sdscratch.shapes.concepts import Drift, concept_set, training_prior
 
 LORA_BASE = "shapes-ldm"
@@ -55,10 +56,10 @@ def train_heart_lora(out, seed, steps):
     before = drift(pipe)
     return {
         "steps": steps,
-        "final_loss": round(sum(losses[-20:]) / len(losses[-20:]), 5),
+        "final_loss": round(mean_of_last(losses, 20), 5),
         "base": LORA_BASE,
         "base_unet_sha256": unet_digest(LORA_BASE),
-        "parameters": sum(p.numel() for p in lora.parameters()),
+        "parameters": count_parameters(lora.parameters()),
         "concept_accuracy": after["concept"],
         "concept_accuracy_before": before["concept"],
         "base_accuracy": after["base_accuracy"],
