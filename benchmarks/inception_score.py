@@ -17,12 +17,16 @@ canonical test prompts:
 4. one class: a large red circle at the centre, N times;
 5. real, wrong prompts: the real scenes, each answering the next prompt.
 
+Then, for shapes-ldm: the asked objects whose outline reads another shape or none,
+by size and shape, and the mean outline IoU by size.
+
 IS is quoted for the paper's 10 splits (mean ± std over them) and for one split of
 all N images (each split estimates p(y) from its own images, so 10 splits score
 lower at the same N).
 """
 
 import argparse
+import collections
 import time
 
 import torch
@@ -41,6 +45,7 @@ from sdscratch.shapes.evaluate import (
     real_images,
 )
 from sdscratch.shapes.judge import bundled_judge
+from sdscratch.shapes.outline import match, read_objects
 
 COLUMNS = (
     "IS (10 splits)   IS (1)    FID   judge 1 / 2 obj   outline 1 / 2 obj   "
@@ -91,6 +96,28 @@ def row(name, images, captions, scenes, reference, seconds) -> str:
     )
 
 
+def misread(images, scenes):
+    """Asked objects whose outline reads another shape (or none), by size and
+    shape; the mean IoU of asked objects with their shape, by size."""
+    wrong, asked, ious = (collections.defaultdict(list) for _ in range(3))
+    for objects, attrs in zip(read_objects(images), scenes):
+        for obj, want in zip(match(objects, attrs), attrs["objects"]):
+            key = f"{want['size']} {want['shape']}"
+            asked[key].append(obj)
+            if obj is None or obj["shape"] != want["shape"]:
+                wrong[key].append("none" if obj is None else obj["shape"])
+            ious[want["size"]].append(0.0 if obj is None else
+                                      obj["ious"][want["shape"]])  # fmt: skip
+    print("shapes-ldm, asked objects whose outline reads another shape (most read):")
+    for key in sorted(asked):
+        common = collections.Counter(wrong[key]).most_common(2)
+        reads = ", ".join(f"{shape} {count}" for shape, count in common)
+        print(f"  {key:15s} {len(wrong[key]):4d} of {len(asked[key]):4d}  {reads}")
+    print("mean outline IoU by size: " + ", ".join(
+        f"{size} {sum(v) / len(v):.3f} ({len(v)} objects)"
+        for size, v in sorted(ious.items())))  # fmt: skip
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=1000, help="N images per set")
@@ -109,8 +136,10 @@ def main():
           "colours)")  # fmt: skip
     reference = real_features(n, "val", judge=judge)
     print(f"{'':20s} {COLUMNS}")
-    for name, (images, seconds) in image_sets(n).items():
+    sets = image_sets(n)
+    for name, (images, seconds) in sets.items():
         print(row(name, images, captions, scenes, reference, seconds), flush=True)
+    misread(sets["shapes-ldm"][0], scenes)
 
 
 if __name__ == "__main__":
