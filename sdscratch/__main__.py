@@ -420,7 +420,8 @@ def cmd_evaluate(args):
 def add_evaluate_command(commands):
     evaluate = commands.add_parser(
         "evaluate",
-        help="generate for N test prompts; print prompt accuracy, FID, CLIP score",
+        help="generate for N test prompts; print prompt accuracy (by the judge and "
+        "by the outline), mean outline IoU, FID, Inception Score, CLIP score",
     )
     evaluate.add_argument(
         "--model",

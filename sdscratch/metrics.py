@@ -1,10 +1,14 @@
-"""Measures of generated images that need no dataset of their own: FID and CLIP score.
+"""Measures of generated images that need no dataset of their own: FID, Inception
+Score and CLIP score.
 
 FID (Heusel et al. 2017) compares the distribution of generated images with real ones
 through features of a trained network (Inception-v3's for photographs; on Shapes, the
-judge's, `sdscratch.shapes.judge.image_features`). CLIP score (Hessel et al. 2021) is
-the cosine similarity between an image and its prompt. What needs the Shapes world
-(the judge, prompt accuracy, the evaluation prompts) is in `sdscratch.shapes`.
+judge's, `sdscratch.shapes.judge.image_features`). The Inception Score (Salimans et
+al. 2016) looks at a classifier's class posteriors of the generated images alone (on
+Shapes, the judge's: `sdscratch.shapes.evaluate.class_posteriors`). CLIP score
+(Hessel et al. 2021) is the cosine similarity between an image and its prompt. What
+needs the Shapes world (the judge, prompt accuracy, the evaluation prompts) is in
+`sdscratch.shapes`.
 """
 
 import functools
@@ -77,6 +81,48 @@ def _sqrt_psd(matrix: torch.Tensor) -> torch.Tensor:
     eigenvalues, eigenvectors = torch.linalg.eigh(matrix)
     roots = eigenvalues.clamp(min=0).sqrt()  # rounding can make 0 slightly negative
     return eigenvectors @ torch.diag(roots) @ eigenvectors.T
+
+
+# ----------------------------------------------------------------------------------
+# Inception Score: confident class posteriors, and many classes used
+
+
+def inception_score(probs, splits=10) -> tuple[float, float]:
+    """IS = exp(E_x KL(p(y|x) ‖ p(y))), its mean and standard deviation over splits.
+
+    Salimans et al. 2016, section 4: high when each image's class posterior p(y|x)
+    is confident (low entropy) and the marginal p(y) over the images is spread over
+    many classes (high entropy); IS = exp(H(y) − E_x H(y|x)), between 1 (one class
+    only, or no confident image) and K (K classes used equally, each image certain
+    of its class). As the paper's code does, the images are cut into `splits`
+    consecutive parts (the i-th from row i·N // splits), p(y) is each part's mean
+    posterior, and the mean and the standard deviation (numpy's, ddof 0) of the
+    parts' scores are returned. No real images enter: IS cannot see whether the
+    images look like the data, only whether the classifier is sure of them and
+    how evenly they cover the classes. All in float64; 0 · log 0 = 0.
+
+    Args:
+        probs: (N, K) class posteriors p(y|x), each row summing to 1 (tensor or
+            array).
+        splits: the number of parts (the paper's: 10), at most N.
+    Returns:
+        (mean, std) of the parts' scores.
+    """
+    p = torch.as_tensor(probs).to(torch.float64)
+    if p.ndim != 2:
+        raise ValueError(f"Class posteriors must be (N, K), got {tuple(p.shape)}.")
+    if (p < 0).any() or not torch.allclose(p.sum(1), torch.ones(len(p)).double()):
+        raise ValueError("Each row of class posteriors must be ≥ 0 and sum to 1.")
+    if not 1 <= splits <= len(p):
+        raise ValueError(f"splits must be from 1 to N = {len(p)}, got {splits}.")
+    n, scores = len(p), []
+    for i in range(splits):
+        part = p[i * n // splits : (i + 1) * n // splits]  # (n / splits, K)
+        marginal = part.mean(0, keepdim=True)  # (1, K): p(y)
+        kl = (torch.xlogy(part, part) - torch.xlogy(part, marginal)).sum(1)  # (n/s,)
+        scores.append(kl.mean().exp())
+    scores = torch.stack(scores)
+    return scores.mean().item(), scores.std(correction=0).item()
 
 
 # ----------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import run_cli
-from sdscratch.metrics import frechet_distance
+from sdscratch.metrics import frechet_distance, inception_score
 from sdscratch.pipeline import StableDiffusion
 from sdscratch.shapes.data import (
     COLOURS,
@@ -21,13 +21,17 @@ from sdscratch.shapes.data import (
 )
 from sdscratch.shapes.evaluate import (
     PROMPT_SETS,
+    class_names,
+    class_posteriors,
     evaluate_model,
     evaluation_prompts,
     fid_floor,
+    outline_scores,
     real_features,
     real_images,
 )
 from sdscratch.shapes.judge import Judge, JudgeConfig, image_features, prompt_accuracy
+from sdscratch.shapes.outline import outline_accuracy
 
 HELDOUT = [t for templates in HELDOUT_TEMPLATES.values() for t in templates]
 
@@ -106,6 +110,9 @@ def test_evaluate_model_scores_every_prompt_once(checkpoint):
     assert result["clip_score"] == pytest.approx(
         (100 * cos.clamp(min=0)).mean().item(), rel=1e-5
     )
+    posteriors = class_posteriors(images, judge)  # the Inception Score by hand
+    assert result["inception_score"] == inception_score(posteriors, splits=6)[0]
+    assert result["outline_iou"] == outline_scores(images, scenes)["outline_iou"]
     assert result["seconds_per_image"] > 0 and result["cpu_seconds_per_image"] > 0
     again = evaluate_model(StableDiffusion.from_pretrained(checkpoint), **options)
     assert again["fid"] == result["fid"]  # seeded: the same images
@@ -162,6 +169,10 @@ def test_a_perfect_model_is_always_right_and_scores_the_floor():
     assert result["prompt_accuracy_two_objects"] == 1
     assert result["fid"] == pytest.approx(result["fid_floor"], rel=1e-9)
     assert result["fid_floor"] == pytest.approx(fid_floor(40), rel=1e-9)
+    assert result["inception_score"] == result["inception_score_real"]
+    assert result["outline_iou"] == result["outline_iou_real"] > 0.95
+    assert result["outline_accuracy_one_object"] == 1
+    assert result["outline_accuracy_two_objects"] == 1
     assert [len(call["prompts"]) for call in pipe.calls] == [16, 16, 8]
     call = pipe.calls[0]
     assert (call["sampler"], call["num_inference_steps"]) == ("euler", 3)
@@ -179,6 +190,77 @@ def test_evaluate_model_draws_prompts_and_real_images_from_the_scenes_seed():
     assert result["fid"] == pytest.approx(result["fid_floor"], rel=1e-9)
     assert result["fid_floor"] == pytest.approx(fid_floor(20, seed=1), rel=1e-9)
     assert result["fid_floor"] != pytest.approx(fid_floor(20), rel=1e-3)
+
+
+# ----------------------------------------------------------------------------------
+# The Inception Score on the judge's classes; the outline measure
+
+
+def one_object(shape, colour, size="large", position="center") -> dict:
+    obj = {"shape": shape, "colour": colour, "size": size, "position": position}
+    return {"objects": [obj], "relation": None}
+
+
+def test_class_posteriors_are_the_objects_shape_and_colour():
+    names = class_names()
+    assert len(names) == len(set(names)) == 7 * 7  # the bundled judge's
+    scenes = [
+        one_object("star", "blue", "small", "left"),
+        one_object("cross", "yellow"),
+        parse_caption("a large red circle above a small green square"),
+    ]
+    posteriors = class_posteriors(render_batch(scenes))
+    assert posteriors.shape == (3, 49)
+    torch.testing.assert_close(posteriors.sum(1), torch.ones(3))
+    assert names[posteriors[0].argmax()] == "blue star" and posteriors[0].max() > 0.9
+    assert names[posteriors[1].argmax()] == "yellow cross"
+    top = posteriors[2].topk(2)  # two objects: half each
+    assert {names[i] for i in top.indices} == {"red circle", "green square"}
+    assert top.values.sum() > 0.9 and top.values.min() > 0.4
+
+
+class DrawingPipeline(StableDiffusion):
+    """Draws scene `i % len(scenes)` for the i-th prompt, whatever it asks."""
+
+    def __init__(self, scenes):
+        self.schedule, self.scenes, self.done = None, scenes, 0
+
+    def __call__(self, prompts, **options):
+        picked = [self.scenes[(self.done + i) % len(self.scenes)]
+                  for i in range(len(prompts))]  # fmt: skip
+        self.done += len(prompts)
+        return render_batch(picked)
+
+
+def test_the_inception_score_rewards_one_perfect_picture_per_class_fid_does_not():
+    """What the Inception Score cannot see: a model that draws one picture per
+    class scores above real data, while FID (and prompt accuracy) see it."""
+    from test_metrics import tiny_clip
+
+    options = dict(samples=144, clip=tiny_clip(), progress=False)
+    each = [one_object(shape, colour) for shape in SHAPES for colour in COLOURS]
+    per_class = evaluate_model(DrawingPipeline(each), **options)
+    assert per_class["inception_score"] > per_class["inception_score_real"] + 2
+    assert per_class["fid"] > 3 * per_class["fid_floor"]
+    assert per_class["prompt_accuracy_one_object"] < 0.2
+    one_class = evaluate_model(DrawingPipeline([one_object("circle", "red")]),
+                               **options)  # fmt: skip
+    assert one_class["inception_score"] < 1.1 < one_class["inception_score_real"]
+
+
+def test_blobs_lower_the_outline_iou():
+    """Every shape drawn as a circle: its outline IoU with the asked shape drops."""
+    captions, scenes = evaluation_prompts(40)
+    blobs = [{**attrs, "objects": [obj | {"shape": "circle"} for obj in
+             attrs["objects"]]} for attrs in scenes]  # fmt: skip
+    real = outline_scores(render_batch(scenes), scenes)
+    drawn = outline_scores(render_batch(blobs), scenes)
+    assert drawn["outline_iou"] < real["outline_iou"] - 0.05
+    circles = [obj["shape"] == "circle" for a in scenes for obj in a["objects"]]
+    assert drawn["outline_accuracy_one_object"] < 1 and not all(circles)
+    images, _, attrs = real_images(40, "test")  # the prompts' scenes, jittered
+    expected = outline_accuracy(images, attrs)["mean_iou"]
+    assert outline_scores(images, captions)["outline_iou"] == expected
 
 
 # ----------------------------------------------------------------------------------
@@ -261,6 +343,9 @@ def test_evaluate_model_on_underspecified_prompts():
     assert result["one_object_prompts"] == 24 and result["two_object_prompts"] == 0
     assert "fid" not in result and "fid_floor" not in result
     assert "prompt_accuracy_two_objects" not in result
+    assert "inception_score_real" not in result and "outline_iou_real" not in result
+    assert result["outline_accuracy_one_object"] == 1  # left out: what is read
+    assert result["outline_iou"] > 0.95
     doubled = evaluate_model(ObedientPipeline(extra=True), **options)
     _, scenes = evaluation_prompts(24, prompts="underspecified")
     extra = [i % 2 and s["objects"][0]["position"] != "center"
@@ -268,6 +353,7 @@ def test_evaluate_model_on_underspecified_prompts():
     assert sum(extra) >= 8
     assert doubled["prompt_accuracy_one_object"] == 1 - sum(extra) / 24
     assert doubled["attributes_one_object"]["position"] == 1 - sum(extra) / 24
+    assert doubled["outline_accuracy_one_object"] == 1 - sum(extra) / 24
 
 
 def test_evaluate_model_on_heldout_prompts_of_a_perfect_model():
@@ -315,7 +401,10 @@ def test_evaluate_prints_one_json_line(checkpoint):
     assert result["model"] == str(checkpoint) and result["samples"] == 4
     assert (result["sampler"], result["steps"], result["guidance"]) == ("ddim", 2, 3)
     for key in ("prompt_accuracy_one_object", "prompt_accuracy_two_objects", "fid",
-                "fid_floor", "clip_score", "seconds_per_image"):  # fmt: skip
+                "fid_floor", "clip_score", "seconds_per_image", "inception_score",
+                "inception_score_std", "inception_score_real", "outline_iou",
+                "outline_iou_real", "outline_accuracy_one_object",
+                "outline_accuracy_two_objects"):  # fmt: skip
         assert isinstance(result[key], float), key
 
 

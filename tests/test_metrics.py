@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import scipy.linalg
 import scipy.ndimage
+import scipy.stats
 import torch
 
 from sdscratch import assets_dir
-from sdscratch.metrics import clip_score, frechet_distance
+from sdscratch.metrics import clip_score, frechet_distance, inception_score
 from sdscratch.recipes import run_recipe
 from sdscratch.shapes.data import (
     COLOURS,
@@ -122,6 +123,71 @@ def test_frechet_distance_rejects_bad_shapes():
         frechet_distance(np.zeros((5, 3)), np.zeros((5, 4)))
     with pytest.raises(ValueError, match="at least two"):
         frechet_distance(np.zeros((1, 3)), np.zeros((5, 3)))
+
+
+# ----------------------------------------------------------------------------------
+# Inception Score against scipy's KL divergence (the paper's code, with scipy)
+
+
+def scipy_inception_score(probs: np.ndarray, splits: int) -> tuple[float, float]:
+    """Salimans et al. 2016's code: consecutive parts, exp of the mean KL."""
+    n, scores = len(probs), []
+    for i in range(splits):
+        part = probs[i * n // splits : (i + 1) * n // splits]
+        marginal = part.mean(0)
+        kl = [scipy.stats.entropy(row, marginal) for row in part]
+        scores.append(np.exp(np.mean(kl)))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+@pytest.mark.parametrize(
+    "n, k, concentration, splits",
+    [
+        (1000, 36, 0.1, 10),  # confident posteriors
+        (1000, 36, 5.0, 10),  # unsure ones
+        (997, 7, 0.5, 10),  # N not a multiple of the splits
+        (50, 100, 0.2, 1),  # more classes than images
+        (64, 5, 1.0, 3),
+    ],
+)
+def test_inception_score_matches_scipy(n, k, concentration, splits):
+    rng = np.random.default_rng(n + k)
+    probs = rng.dirichlet(np.full(k, concentration), size=n)  # (N, K)
+    probs[: n // 4, : k // 2] = 0  # exact zeros: 0 · log 0 counts 0
+    probs /= probs.sum(1, keepdims=True)
+    mean, std = inception_score(probs, splits)
+    expected = scipy_inception_score(probs, splits)
+    assert mean == pytest.approx(expected[0], rel=1e-10)
+    assert std == pytest.approx(expected[1], rel=1e-8, abs=1e-12)
+    assert inception_score(torch.tensor(probs).float(), splits)[0] == pytest.approx(
+        expected[0], rel=1e-5
+    )
+
+
+def test_inception_score_is_one_for_one_class_and_k_for_k_certain_classes():
+    k, n = 12, 600
+    one_class = torch.zeros(n, k)
+    one_class[:, 3] = 1  # every image certainly of class 3
+    assert inception_score(one_class) == (1.0, 0.0)
+    certain = torch.eye(k).repeat(n // k, 1)  # each class 50 times, each certain
+    mean, std = inception_score(certain, splits=1)
+    assert mean == pytest.approx(k, rel=1e-12)
+    unsure = torch.full((n, k), 1 / k)  # every class used, no image sure of one
+    assert inception_score(unsure, splits=1)[0] == pytest.approx(1.0, rel=1e-12)
+    # half as confident: each image torn between two classes
+    torn = (torch.eye(k) + torch.eye(k).roll(1, 1)).repeat(n // k, 1) / 2
+    assert inception_score(torn, splits=1)[0] == pytest.approx(k / 2, rel=1e-12)
+
+
+def test_inception_score_rejects_bad_input():
+    with pytest.raises(ValueError, match=r"must be \(N, K\)"):
+        inception_score(np.ones(5) / 5)
+    with pytest.raises(ValueError, match="sum to 1"):
+        inception_score(np.ones((4, 3)))
+    with pytest.raises(ValueError, match="sum to 1"):
+        inception_score(np.array([[1.5, -0.5], [0.5, 0.5]]))
+    with pytest.raises(ValueError, match="splits must be from 1 to N = 4"):
+        inception_score(np.eye(4), splits=5)
 
 
 # ----------------------------------------------------------------------------------

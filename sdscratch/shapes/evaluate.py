@@ -1,19 +1,28 @@
-"""Evaluating a text-to-image model on Shapes: prompt accuracy, FID and CLIP score.
+"""Evaluating a text-to-image model on Shapes: prompt accuracy, the outline measure,
+FID, Inception Score and CLIP score.
 
 The convention: prompts come from the test split, the real images FID compares
 against from the val split, so a perfect generator scores the real-vs-real floor,
-FID(test[:n], val[:n]). `evaluate_model` is the one evaluation path: what
-`python -m sdscratch evaluate` prints, and what the ldm recipe writes into its
-manifest.
+FID(test[:n], val[:n]). The Inception Score and the outline IoU of the prompts' own
+real scenes, test[:n], are what a perfect generator scores on those.
+`evaluate_model` is the one evaluation path: what `python -m sdscratch evaluate`
+prints, and what the ldm recipe writes into its manifest.
 """
 
 import random
 import time
 
 import torch
+from einops import rearrange
 from tqdm.auto import tqdm
 
-from sdscratch.metrics import as_tensor, bundled_clip, clip_score, frechet_distance
+from sdscratch.metrics import (
+    as_tensor,
+    bundled_clip,
+    clip_score,
+    frechet_distance,
+    inception_score,
+)
 from sdscratch.pipeline import StableDiffusion
 from sdscratch.samplers import noise_levels
 from sdscratch.shapes.data import (
@@ -29,6 +38,9 @@ from sdscratch.shapes.data import (
     strip_geometry,
 )
 from sdscratch.shapes.judge import attribute_accuracy, bundled_judge, image_features
+from sdscratch.shapes.outline import outline_accuracy, read_objects
+
+IS_SPLITS = 10  # the Inception Score's splits (Salimans et al. 2016's)
 
 # ----------------------------------------------------------------------------------
 # Real images and prompts
@@ -138,13 +150,111 @@ def _underspecified(n, seed) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------
+# The judge's classes, for the Inception Score
+
+
+def class_names(judge=None) -> list[str]:
+    """The K classes of `class_posteriors` in order: "red circle", "orange circle",
+    …, every colour the judge reads for each shape it reads in turn."""
+    values = (judge or bundled_judge()).attributes
+    return [f"{colour} {shape}" for shape in values["shape"] for colour in
+            values["colour"]]  # fmt: skip
+
+
+@torch.no_grad()
+def class_posteriors(images, judge=None, batch_size=500) -> torch.Tensor:
+    """The judge's class posteriors p(y|x), where a class is a shape and a colour.
+
+    The judge reads shape and colour at each of five positions; the class of an
+    object is its (shape, colour) pair, with p(shape, colour) = p(shape) · p(colour)
+    from the judge's two heads at its position. An image's posterior is its
+    objects' posteriors mixed with weights p(an object at s) normalised over the
+    positions: "the class of an object picked from the image". A one-object image
+    thus has its object's posterior, a two-object image the mean of two (at best
+    ½ and ½ on two classes), as an Inception-v3 posterior of a photograph with two
+    things in it is split between them. What the Inception Score
+    (`sdscratch.metrics.inception_score`) reads on Shapes.
+
+    Args:
+        images: (N, 3, H, W) in [-1, 1], or N PIL images.
+        judge: a `Judge` (default: the bundled one, whose 7 shapes × 7 colours,
+            the novel heart and pink among them, make K = 49 classes).
+    Returns:
+        (N, K) float32 on the CPU, rows summing to 1, classes as `class_names`.
+    """
+    judge = judge or bundled_judge()
+    device = next(judge.parameters()).device
+    chunks = []
+    for batch in as_tensor(images).split(batch_size):
+        logits = judge(batch.to(device))  # {attribute: (B, slots, values)}
+        # p(present at s) / Σ_s' p(present at s'), in log space: safe when all ≈ 0
+        weight = logits["present"].log_softmax(-1)[..., 1].softmax(-1)  # (B, S)
+        shape = logits["shape"].softmax(-1)  # (B, S, shapes)
+        colour = logits["colour"].softmax(-1)  # (B, S, colours)
+        joint = torch.einsum("bs,bsi,bsj->bij", weight, shape, colour)
+        chunks.append(rearrange(joint, "b i j -> b (i j)").cpu())  # (B, K)
+    return torch.cat(chunks)
+
+
+# ----------------------------------------------------------------------------------
+# The outline measure on prompts
+
+
+def outline_scores(images, scenes, reads=None) -> dict[str, float]:
+    """The outline measure's prompt accuracy (one- and two-object prompts apart)
+    and the mean outline IoU of the requested objects (`outline_accuracy`).
+
+    A prompt that leaves an attribute out (None) accepts what the outline reads:
+    an object without a position is the image's one object (if the outline reads
+    exactly one; else none, so it scores IoU 0, as a missing object does).
+
+    Args:
+        images: (N, 3, H, W) in [-1, 1], or N PIL images.
+        scenes: N attrs or captions: what was asked.
+        reads: `read_objects(images)`, if already made.
+    Returns:
+        {"outline_accuracy_one_object": float, "outline_accuracy_two_objects":
+         float (each only if there are such prompts), "outline_iou": float}.
+    """
+    images = as_tensor(images)
+    reads = read_objects(images) if reads is None else reads
+    scenes = [_filled(attrs, objects) for attrs, objects in zip(scenes, reads)]
+    result = {}
+    for count, name in ((1, "one_object"), (2, "two_objects")):
+        keep = [i for i, attrs in enumerate(scenes) if len(attrs["objects"]) == count]
+        if keep:
+            picked = [scenes[i] for i in keep], [reads[i] for i in keep]
+            right = outline_accuracy(images[keep], *picked)
+            result[f"outline_accuracy_{name}"] = right["scene"]
+    result["outline_iou"] = outline_accuracy(images, scenes, reads)["mean_iou"]
+    return result
+
+
+def _filled(attrs, objects: list) -> dict:
+    """attrs with each left-out value (None) taken from the object read there."""
+    attrs = parse_caption(attrs) if isinstance(attrs, str) else attrs
+    filled = []
+    for obj in attrs["objects"]:
+        if obj["position"] is None:
+            there = objects if len(objects) == 1 else []
+        else:
+            there = [read for read in objects if read["position"] == obj["position"]]
+        if len(there) == 1:
+            obj = {key: there[0][key] if value is None else value
+                   for key, value in obj.items()}  # fmt: skip
+        filled.append(obj)
+    return attrs | {"objects": filled}
+
+
+# ----------------------------------------------------------------------------------
 # Everything at once
 
 
 def evaluate_samples(
     images, captions, scenes, reference=None, judge=None, clip=None, fid=True
 ):
-    """Prompt accuracy (one- and two-object prompts apart), FID and CLIP score.
+    """Prompt accuracy by the judge and by the outline (one- and two-object
+    prompts apart), the mean outline IoU, FID, Inception Score and CLIP score.
 
     Args:
         images: N generated images ((N, 3, H, W) in [-1, 1] or PIL), image i for
@@ -159,7 +269,9 @@ def evaluate_samples(
     Returns:
         {"prompt_accuracy_one_object": float, "prompt_accuracy_two_objects": float,
          "attributes_one_object": {attribute: float}, "attributes_two_objects": …,
-         "fid": float, "clip_score": float}.
+         `outline_scores`' figures, "fid": float, "inception_score" and
+         "inception_score_std": floats (`IS_SPLITS` splits, fewer if N is
+         smaller; on `class_posteriors`), "clip_score": float}.
     """
     images = as_tensor(images)
     judge = judge or bundled_judge()
@@ -172,8 +284,12 @@ def evaluate_samples(
             right = attribute_accuracy(images[keep], [scenes[i] for i in keep], judge)
             result[f"prompt_accuracy_{name}"] = right["scene"]
             result[f"attributes_{name}"] = right
+    result |= outline_scores(images, scenes)
     if fid:
         result["fid"] = frechet_distance(image_features(images, judge), reference)
+    splits = min(IS_SPLITS, len(images))
+    score = inception_score(class_posteriors(images, judge), splits)
+    result["inception_score"], result["inception_score_std"] = score
     result["clip_score"] = clip_score(images, captions, clip)
     return result
 
@@ -210,10 +326,11 @@ def evaluate_model(
             course's dataset: 0).
         prompts: the prompt set, "full", "underspecified" or "heldout" (see
             `evaluation_prompts`). Underspecified prompts describe no test scenes,
-            so they get no FID.
+            so they get no FID and no real reference.
         judge, clip: a `Judge` and a `CLIP` (default: the bundled ones).
     Returns:
-        `evaluate_samples`' figures, plus "fid_floor", the numbers of one- and
+        `evaluate_samples`' figures, plus "fid_floor" and `real_reference`'s
+        figures (what a perfect model scores), the numbers of one- and
         two-object prompts, and "seconds_per_image" and "cpu_seconds_per_image" of
         the generation alone (CPU seconds are summed over threads).
     """
@@ -247,14 +364,34 @@ def evaluate_model(
 
 
 def _scores(images, captions, attrs, scenes, fid, judge, clip) -> dict:
-    """`evaluate_samples`' figures and, with `fid`, the FID floor at the same N."""
+    """`evaluate_samples`' figures and, with `fid`, the FID floor at the same N and
+    the real reference."""
     if not fid:
         return evaluate_samples(images, captions, attrs, None, judge, clip, fid=False)
     n = len(images)
     reference = real_features(n, "val", scenes, judge=judge)  # (N, hidden)
     result = evaluate_samples(images, captions, attrs, reference, judge, clip)
     test = real_features(n, "test", scenes, judge=judge)  # the prompts' own scenes
-    return result | {"fid_floor": frechet_distance(test, reference)}
+    result["fid_floor"] = frechet_distance(test, reference)
+    return result | real_reference(n, scenes, images.shape[-1], judge)
+
+
+def real_reference(n, seed=0, size=32, judge=None) -> dict[str, float]:
+    """The Inception Score and the mean outline IoU of the prompts' own real
+    scenes (test[:n], drawn at `size` pixels): what a perfect generator scores.
+
+    Like FID, the Inception Score depends on N (each split estimates p(y) from
+    N / 10 images), so a model's is quoted next to this at the same N.
+
+    Returns:
+        {"inception_score_real": float, "outline_iou_real": float}.
+    """
+    images, _, scenes = real_images(n, "test", seed, size=size)
+    posteriors = class_posteriors(images, judge)
+    return {
+        "inception_score_real": inception_score(posteriors, min(IS_SPLITS, n))[0],
+        "outline_iou_real": outline_accuracy(images, scenes)["mean_iou"],
+    }
 
 
 def generate_images(pipe, captions, generator, batch_size, progress, **settings):
