@@ -171,6 +171,12 @@ def clip_scores(image_embeds, text_embeds):
     return 100 * (image_embeds * text_embeds).sum(-1).clamp(min=0)
 
 
+def inception_score(probs):
+    marginal = probs.mean(0, keepdim=True)  # (1, K)
+    kl = (torch.xlogy(probs, probs) - torch.xlogy(probs, marginal)).sum(1)
+    return kl.mean().exp()
+
+
 def scaled_linear_betas(beta_start, beta_end, num_timesteps):
     return torch.linspace(beta_start**0.5, beta_end**0.5, num_timesteps) ** 2
 
@@ -343,6 +349,7 @@ RIGHT = {
     "split_heads": split_heads, "cross_attention": cross_attention,
     "guided_noise": guided_noise, "rescale_guidance": rescale_guidance,
     "frechet_from_stats": frechet_from_stats, "clip_scores": clip_scores,
+    "inception_score": inception_score,
     "scaled_linear_betas": scaled_linear_betas, "predict_x0": predict_x0,
     "sigmas": sigmas, "geglu": geglu, "causal_softmax": causal_softmax,
     "psnr_db": psnr_db, "downsample_mask": downsample_mask,
@@ -456,6 +463,13 @@ WRONG = [
      + cb.trace() - 2 * (matrix_sqrt(ca) @ matrix_sqrt(cb)).trace(), "commute"),
     ("clip_scores", lambda i, t: 100 * F.cosine_similarity(i, t, dim=-1), "clamp"),
     ("clip_scores", lambda i, t: 100 * (i * t).sum(-1).clamp(min=0), "both norms"),
+    ("inception_score", lambda p: (torch.xlogy(p, p) - torch.xlogy(p, p.mean(
+        0, keepdim=True))).sum(1).exp().mean(), "exponentiate the mean"),
+    ("inception_score", lambda p: (p.mean(0) * (p.mean(0).log() - p.log())).sum(
+        1).mean().exp(), "not the other way round"),
+    ("inception_score", lambda p: inception_score(p).log(), "its log"),
+    ("inception_score", lambda p: (torch.xlogy(p, p) - torch.xlogy(p, p.mean(
+        1, keepdim=True))).sum(1).mean().exp(), "over the images"),
     ("scaled_linear_betas", lambda b0, b1, n: torch.linspace(b0, b1, n), "linear"),
     ("scaled_linear_betas", lambda b0, b1, n: torch.linspace(b0**0.5, b1**0.5, n),
      "square the linspace"),

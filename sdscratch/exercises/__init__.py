@@ -52,6 +52,7 @@ from sdscratch.exercises.diffusion import (
 from sdscratch.exercises.evaluation import (
     check_clip_scores,
     check_frechet_from_stats,
+    check_inception_score,
     check_psnr_db,
 )
 from sdscratch.exercises.finetune import (
@@ -130,6 +131,7 @@ __all__ = [
     "check_encode_latents",
     "check_esd_target",
     "check_frechet_from_stats",
+    "check_inception_score",
     "check_geglu",
     "check_guidance",
     "check_guidance_window",

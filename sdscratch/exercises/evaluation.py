@@ -1,11 +1,17 @@
 """Checks for the measuring exercises: an autoencoder's PSNR (lesson 08), the
-Fréchet distance of two Gaussians and the CLIP score of embedding pairs (11)."""
+Fréchet distance of two Gaussians, the CLIP score of embedding pairs and the
+Inception Score of class posteriors (11)."""
 
 import torch
 import torch.nn.functional as F
 
 from sdscratch.exercises.compare import call, check, generator
-from sdscratch.metrics import _sqrt_psd, clip_scores, frechet_distance_from_stats
+from sdscratch.metrics import (
+    _sqrt_psd,
+    clip_scores,
+    frechet_distance_from_stats,
+    inception_score,
+)
 from sdscratch.vae import psnr
 
 
@@ -96,3 +102,41 @@ def check_psnr_db(fn) -> None:
         return got, error, torch.tensor(psnr(images, reconstructions)), mistakes
 
     return check("psnr_db", [case(0.05), case(0.3)], atol=1e-3)
+
+
+def check_inception_score(fn) -> None:
+    """`fn(probs) -> score`: the Inception Score of (N, K) class posteriors p(y|x)
+    (rows sum to 1), in one split: exp(E_x KL(p(y|x) ‖ p(y))), p(y) the mean
+    posterior; a number or a 0-d tensor. Rows may hold exact zeros (0 · log 0 = 0)."""
+    g = generator(27)
+
+    def case(n, k, sharpness, certain=False):
+        logits = torch.randn(n, k, generator=g, dtype=torch.float64) * sharpness
+        probs = logits.softmax(-1)
+        if certain:  # one image sure of its class: zeros in its row
+            probs[0] = F.one_hot(torch.tensor(1), k).double()
+        marginal = probs.mean(0, keepdim=True)  # (1, K)
+        kl = (torch.xlogy(probs, probs) - torch.xlogy(probs, marginal)).sum(1)  # (N,)
+        reverse = (torch.xlogy(marginal, marginal) - marginal * probs.log()).sum(1)
+        entropy = -torch.xlogy(probs, probs).sum(1)  # (N,) H(y|x)
+        mistakes = {
+            "the KL goes from each image's posterior to the marginal, "
+            "KL(p(y|x) ‖ p(y)), not the other way round.": reverse.mean().exp(),
+            "exponentiate the mean KL (exp of E_x), not average the "
+            "exponentials.": kl.exp().mean(),
+            "the score is exp(E_x KL): the mean KL alone is its log.": kl.mean(),
+            "p(y) is the mean posterior over the images (dim 0), not over "
+            "the classes.": (torch.xlogy(probs, probs) - torch.xlogy(
+                probs, probs.mean(1, keepdim=True))).sum(1).mean().exp(),
+            "the KL keeps the marginal's entropy: exp(H(y) − E H(y|x)), not "
+            "exp(E H(y|x)).": entropy.mean().exp(),
+        }  # fmt: skip
+        want = torch.tensor(inception_score(probs, splits=1)[0], dtype=torch.float64)
+        got, error = call(fn, probs.clone())
+        return got, error, want, mistakes
+
+    return check(
+        "inception_score",
+        [case(64, 6, 3.0), case(40, 10, 1.0, certain=True)],
+        atol=1e-6,
+    )
