@@ -54,6 +54,7 @@ from sdscratch.exercises.evaluation import (
     check_frechet_from_stats,
     check_inception_score,
     check_psnr_db,
+    reference_inception_score,
 )
 from sdscratch.exercises.finetune import (
     check_lora_forward,
@@ -192,6 +193,7 @@ REFERENCES = {
     "swap_embeddings": (reference_swap_embeddings, check_swap_embeddings),
     "lora_forward": (reference_lora_forward, check_lora_forward),
     "merge_lora": (reference_merge_lora, check_merge_lora),
+    "inception_score": (reference_inception_score, check_inception_score),
 }
 
 

@@ -104,6 +104,11 @@ def check_psnr_db(fn) -> None:
     return check("psnr_db", [case(0.05), case(0.3)], atol=1e-3)
 
 
+def reference_inception_score(probs) -> torch.Tensor:
+    """The package's Inception Score of (N, K) posteriors in one split, 0-d."""
+    return torch.tensor(inception_score(probs, splits=1)[0], dtype=torch.float64)
+
+
 def check_inception_score(fn) -> None:
     """`fn(probs) -> score`: the Inception Score of (N, K) class posteriors p(y|x)
     (rows sum to 1), in one split: exp(E_x KL(p(y|x) ‖ p(y))), p(y) the mean
@@ -131,7 +136,7 @@ def check_inception_score(fn) -> None:
             "the KL keeps the marginal's entropy: exp(H(y) − E H(y|x)), not "
             "exp(E H(y|x)).": entropy.mean().exp(),
         }  # fmt: skip
-        want = torch.tensor(inception_score(probs, splits=1)[0], dtype=torch.float64)
+        want = reference_inception_score(probs)
         got, error = call(fn, probs.clone())
         return got, error, want, mistakes
 
