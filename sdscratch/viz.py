@@ -1,15 +1,45 @@
-"""Pictures: image grids with captions, tensors to PIL images.
+"""Pictures: the lessons' figure style, labelled image grids, tensors to PIL images.
 
 Images are tensors in [-1, 1], shape (B, 3, H, W), the convention of the whole course.
 """
 
 import math
+import sys
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from einops import rearrange
 from PIL import Image
+
+# A lesson figure is shown at LESSON_DPI pixels per inch (CSS pixels, as the notebook
+# and the website show it) and saved with twice as many pixels for sharp screens.
+LESSON_DPI = 80
+# The smallest text in a figure, in points: 9 points are 10 pixels at 80 dpi.
+MIN_FONTSIZE = 9
+# The website's content column in CSS pixels (mdBook's --content-max-width): a wider
+# figure is scaled down to it, and its text with it.
+PAGE_WIDTH = 750
+
+
+def lesson_style() -> None:
+    """Set up a lesson's figures: shown at LESSON_DPI, saved with twice the pixels in
+    a notebook (IPython's "retina" PNGs), matplotlib's text at MIN_FONTSIZE or more.
+
+    Every lesson calls it in its first cell of code. A figure up to PAGE_WIDTH /
+    LESSON_DPI (9.4) inches wide then shows unscaled on the website, so 9-point
+    text stays 10 pixels high.
+    """
+    plt.rcParams["figure.dpi"] = LESSON_DPI
+    plt.rcParams["font.size"] = 10  # points; ticks, labels, legends: the same
+    for key in ("axes.labelsize", "xtick.labelsize", "ytick.labelsize"):
+        plt.rcParams[key] = "medium"
+    plt.rcParams["legend.fontsize"] = "medium"
+    ipython = sys.modules.get("IPython")  # imported when running in a notebook
+    if ipython is not None and ipython.get_ipython() is not None:
+        from matplotlib_inline.backend_inline import set_matplotlib_formats
+
+        set_matplotlib_formats("retina")
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -44,16 +74,27 @@ def make_grid(images: torch.Tensor, ncols=None, pad=1) -> torch.Tensor:
 
 
 def image_grid(
-    images: torch.Tensor, captions=None, ncols=None, size=1.6, fontsize=9, title=None
+    images: torch.Tensor,
+    captions=None,
+    ncols=None,
+    size=1.6,
+    fontsize=MIN_FONTSIZE,
+    title=None,
+    rows=None,
+    cols=None,
 ) -> plt.Figure:
-    """Show images in a grid, each with its caption underneath.
+    """Show images in a grid, each with its caption underneath, and what varies along
+    each axis: a label left of each row, one above each column.
 
     Args:
         images: (B, 3, H, W) in [-1, 1].
         captions: B strings (wrapped to fit), or None.
         ncols: images per row (default: about square).
-        size: inches per image.
-        fontsize: of the captions, in points (9 points: 10 pixels at 80 dpi).
+        size: inches per image (at 80 dpi, 9 inches fill the website's column).
+        fontsize: of the labels and captions, in points (9 points: 10 pixels at 80 dpi).
+        title: above the grid, or None.
+        rows: one label per row (written left of it), or None.
+        cols: one label per column (written above it), or None.
     Returns:
         The matplotlib figure (shown inline in a notebook).
     """
@@ -62,15 +103,14 @@ def image_grid(
         raise ValueError(f"Got {len(captions)} captions for {b} images.")
     ncols = min(ncols or math.ceil(math.sqrt(b)), b)
     nrows = math.ceil(b / ncols)
+    for name, labels, n in (("row", rows, nrows), ("column", cols, ncols)):
+        if labels is not None and len(labels) != n:
+            raise ValueError(f"Got {len(labels)} {name} labels for {n} {name}s.")
     wrapped = [_wrap(text, size, fontsize) for text in captions or []]
     lines = max((text.count("\n") + 1 for text in wrapped), default=0)
     text_height = lines * fontsize / 72 * 1.3  # inches under each image
-    fig, axes = plt.subplots(
-        nrows,
-        ncols,
-        squeeze=False,
-        figsize=(ncols * size, nrows * (size + text_height)),
-    )
+    figsize = (ncols * size, nrows * (size + text_height))  # inches
+    fig, axes = plt.subplots(nrows, ncols, squeeze=False, figsize=figsize)
     pixels = to_uint8(images)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
@@ -79,13 +119,25 @@ def image_grid(
         ax.imshow(pixels[i], interpolation="nearest")
         if wrapped:
             ax.set_title(wrapped[i], fontsize=fontsize, y=-0.02, va="top", pad=0)
+    _label_axes(axes, rows, cols, size, fontsize)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
     return fig
 
 
-def _wrap(text: str, size: float, fontsize=7) -> str:
+def _label_axes(axes: np.ndarray, rows, cols, size: float, fontsize: float) -> None:
+    """Write `rows` left of the first image of each row and `cols` above the first
+    row's images (each wrapped to an image's width), outside the images."""
+    for ax, label in zip(axes[:, 0], rows or []):
+        ax.text(-0.04, 0.5, _wrap(label, size, fontsize), transform=ax.transAxes,
+                ha="right", va="center", fontsize=fontsize)  # fmt: skip
+    for ax, label in zip(axes[0], cols or []):
+        ax.text(0.5, 1.03, _wrap(label, size, fontsize), transform=ax.transAxes,
+                ha="center", va="bottom", fontsize=fontsize)  # fmt: skip
+
+
+def _wrap(text: str, size: float, fontsize=MIN_FONTSIZE) -> str:
     """Break a caption into lines that fit under an image `size` inches wide, at
     `fontsize` points (a character is about 0.6 times as wide as the font is high)."""
     width, lines, line = int(size * 72 / (fontsize * 0.6)), [], ""
