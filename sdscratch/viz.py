@@ -150,14 +150,15 @@ def _wrap(text: str, size: float, fontsize=MIN_FONTSIZE) -> str:
     return "\n".join([*lines, line])
 
 
-# The parts of the pipeline and the lessons that build them: (x, y, label, lessons).
+# The parts of the pipeline and the lessons that build them: (x, y, width, label,
+# lessons), in the map's units; the labels between boxes need the gaps left for them.
 _MAP_BOXES = {
-    "prompt": (0.07, 0.62, '"a red circle\nabove a blue square"', ""),
-    "text": (0.29, 0.62, "tokenizer +\ntext encoder", "lesson 05"),
-    "unet": (0.53, 0.62, "UNet with\ncross-attention", "lessons 03, 06"),
-    "step": (0.53, 0.12, "sampler step\n+ guidance", "lessons 02, 04, 07"),
-    "vae": (0.77, 0.62, "VAE decoder", "lesson 08"),
-    "image": (0.95, 0.62, "image", ""),
+    "prompt": (0.08, 0.62, 0.24, '"a red circle\nabove a blue square"', ""),
+    "text": (0.35, 0.62, 0.16, "tokenizer +\ntext encoder", "lesson 05"),
+    "unet": (0.69, 0.62, 0.16, "UNet with\ncross-attention", "lessons 03, 06"),
+    "step": (0.69, 0.12, 0.16, "sampler step\n+ guidance", "lessons 02, 04, 07"),
+    "vae": (0.98, 0.62, 0.16, "VAE decoder", "lesson 08"),
+    "image": (1.17, 0.62, 0.12, "image", ""),
 }
 
 
@@ -173,32 +174,33 @@ def pipeline_map(text_shape: str, latent_shape: str, image_shape: str) -> plt.Fi
     from matplotlib.patches import FancyBboxPatch
 
     fig, ax = plt.subplots(figsize=(11.5, 3.6))
-    ax.set_xlim(-0.04, 1.05)
+    ax.set_xlim(-0.06, 1.25)
     ax.set_ylim(-0.08, 1.0)
     ax.axis("off")
-    ax.add_patch(FancyBboxPatch((0.405, -0.06), 0.25, 0.96, boxstyle="round,pad=0.01",
+    ax.add_patch(FancyBboxPatch((0.59, -0.06), 0.2, 0.96, boxstyle="round,pad=0.01",
                                 fc="none", ec="#999", ls="--"))  # fmt: skip
-    ax.text(0.53, 0.93, f"latent space: {latent_shape}, every step (lessons 01, 09)",
+    ax.text(0.69, 0.93, f"latent space: {latent_shape}, every step (lessons 01, 09)",
             ha="center", fontsize=9, style="italic")  # fmt: skip
     style = dict(boxstyle="round,pad=0.01", ec="#446")
-    for name, (x, y, label, lessons) in _MAP_BOXES.items():
+    for name, (x, y, width, label, lessons) in _MAP_BOXES.items():
         label = f"{label}\n{image_shape}" if name == "image" else label
         fill = "#dde8f7" if lessons else "#f2f2f2"  # built in a lesson, or not
-        ax.add_patch(FancyBboxPatch((x - 0.08, y - 0.1), 0.16, 0.2, fc=fill, **style))
+        box = FancyBboxPatch((x - width / 2, y - 0.1), width, 0.2, fc=fill, **style)
+        ax.add_patch(box)
         ax.text(x, y, label, ha="center", va="center", fontsize=9)
         ax.text(x, y + (0.13 if y > 0.5 else -0.16), lessons, ha="center",
                 fontsize=9, color="#a33")  # fmt: skip
-    arrows = [((0.15, 0.62), (0.21, 0.62), "text", 0.0, 0.045),
-              ((0.37, 0.62), (0.45, 0.62), text_shape, 0.0, 0.08),
-              ((0.61, 0.62), (0.69, 0.62), "final\nlatent", 0.0, 0.08),
-              ((0.85, 0.62), (0.87, 0.62), "", 0.0, 0.0),
-              ((0.5, 0.52), (0.5, 0.22), "ε̂", -0.02, 0.0),
-              ((0.56, 0.22), (0.56, 0.52), "x_t", 0.025, 0.0)]  # fmt: skip
+    arrows = [((0.21, 0.62), (0.26, 0.62), "text", 0.0, 0.045),
+              ((0.44, 0.62), (0.6, 0.62), text_shape, -0.01, 0.05),
+              ((0.78, 0.62), (0.89, 0.62), "final\nlatent", 0.02, 0.08),
+              ((1.07, 0.62), (1.1, 0.62), "", 0.0, 0.0),
+              ((0.66, 0.52), (0.66, 0.22), "ε̂", -0.02, 0.0),
+              ((0.72, 0.22), (0.72, 0.52), "x_t", 0.025, 0.0)]  # fmt: skip
     for start, end, label, dx, dy in arrows:
         ax.annotate("", end, start, arrowprops=dict(arrowstyle="-|>", color="#223"))
         ax.text((start[0] + end[0]) / 2 + dx, (start[1] + end[1]) / 2 + dy, label,
                 ha="center", va="center", fontsize=9)  # fmt: skip
     around = "around it: img2img and inpainting (lesson 10),\n"
     around += "the judge and FID (lesson 11)"
-    ax.text(0.2, 0.12, around, ha="center", fontsize=9, color="#555")
+    ax.text(0.25, 0.12, around, ha="center", fontsize=9, color="#555")
     return fig

@@ -149,3 +149,20 @@ def test_lesson_style_saves_figures_at_twice_the_pixels_with_readable_text(
     assert min(t.get_fontsize() for t in texts) >= MIN_FONTSIZE
     assert MIN_FONTSIZE * LESSON_DPI / 72 >= 10  # points at the dpi: pixels
     plt.close(fig)
+
+
+def test_pipeline_map_labels_cross_no_other_label_and_no_frame():
+    """Each label overlaps no other, and lies inside or outside each box and frame."""
+    fig = pipeline_map("(1, 32, 96)", "4×8×8", "3×32×32")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    texts = [t.get_window_extent(renderer) for t in fig.axes[0].texts if t.get_text()]
+    frames = [patch.get_window_extent(renderer) for patch in fig.axes[0].patches]
+    assert len(texts) >= 15 and len(frames) >= 7
+    for i, box in enumerate(texts):
+        for other in texts[i + 1 :]:
+            assert not box.overlaps(other), (box, other)
+        for frame in frames:
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1
+            inside = inside and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            assert inside or not box.overlaps(frame), (box, frame)
