@@ -107,9 +107,13 @@ def image_grid(
         if labels is not None and len(labels) != n:
             raise ValueError(f"Got {len(labels)} {name} labels for {n} {name}s.")
     wrapped = [_wrap(text, size, fontsize) for text in captions or []]
-    lines = max((text.count("\n") + 1 for text in wrapped), default=0)
-    text_height = lines * fontsize / 72 * 1.3  # inches under each image
-    figsize = (ncols * size, nrows * (size + text_height))  # inches
+    text_height = _lines(wrapped) * fontsize / 72 * 1.3  # inches under each image
+    rows = [_wrap(text, size, fontsize) for text in rows or []]
+    cols = [_wrap(text, size, fontsize) for text in cols or []]
+    left = max((len(line) for text in rows for line in text.split("\n")), default=0)
+    left = left * fontsize * 0.6 / 72  # inches for the row labels
+    top = _lines(cols) * fontsize / 72 * 1.3  # inches for the column labels
+    figsize = (ncols * size + left, nrows * (size + text_height) + top)  # inches
     fig, axes = plt.subplots(nrows, ncols, squeeze=False, figsize=figsize)
     pixels = to_uint8(images)
     for i, ax in enumerate(axes.flat):
@@ -119,22 +123,27 @@ def image_grid(
         ax.imshow(pixels[i], interpolation="nearest")
         if wrapped:
             ax.set_title(wrapped[i], fontsize=fontsize, y=-0.02, va="top", pad=0)
-    _label_axes(axes, rows, cols, size, fontsize)
+    _label_axes(axes, rows, cols, fontsize)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
     return fig
 
 
-def _label_axes(axes: np.ndarray, rows, cols, size: float, fontsize: float) -> None:
+def _label_axes(axes: np.ndarray, rows, cols, fontsize: float) -> None:
     """Write `rows` left of the first image of each row and `cols` above the first
-    row's images (each wrapped to an image's width), outside the images."""
-    for ax, label in zip(axes[:, 0], rows or []):
-        ax.text(-0.04, 0.5, _wrap(label, size, fontsize), transform=ax.transAxes,
-                ha="right", va="center", fontsize=fontsize)  # fmt: skip
-    for ax, label in zip(axes[0], cols or []):
-        ax.text(0.5, 1.03, _wrap(label, size, fontsize), transform=ax.transAxes,
-                ha="center", va="bottom", fontsize=fontsize)  # fmt: skip
+    row's images, outside the images."""
+    for ax, label in zip(axes[:, 0], rows):
+        ax.text(-0.04, 0.5, label, transform=ax.transAxes, ha="right", va="center",
+                fontsize=fontsize)  # fmt: skip
+    for ax, label in zip(axes[0], cols):
+        ax.text(0.5, 1.03, label, transform=ax.transAxes, ha="center", va="bottom",
+                fontsize=fontsize)  # fmt: skip
+
+
+def _lines(texts: list[str]) -> int:
+    """The most lines in any of `texts` (0 for none)."""
+    return max((text.count("\n") + 1 for text in texts), default=0)
 
 
 def _wrap(text: str, size: float, fontsize=MIN_FONTSIZE) -> str:
