@@ -26,7 +26,7 @@ def lesson_style() -> None:
     """Set up a lesson's figures: shown at LESSON_DPI, saved with twice the pixels in
     a notebook (IPython's "retina" PNGs), matplotlib's text at MIN_FONTSIZE or more.
 
-    Every lesson calls it in its first cell of code. A figure up to PAGE_WIDTH /
+    Every lesson calls it once, with its imports. A figure up to PAGE_WIDTH /
     LESSON_DPI (9.4) inches wide then shows unscaled on the website, so 9-point
     text stays 10 pixels high.
     """
