@@ -148,15 +148,19 @@ def _lines(texts: list[str]) -> int:
 
 def _wrap(text: str, size: float, fontsize=MIN_FONTSIZE) -> str:
     """Break a caption into lines that fit under an image `size` inches wide, at
-    `fontsize` points (a character is about 0.6 times as wide as the font is high)."""
-    width, lines, line = int(size * 72 / (fontsize * 0.6)), [], ""
-    for word in text.split():
-        if line and len(line) + 1 + len(word) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    return "\n".join([*lines, line])
+    `fontsize` points (a character is about 0.6 times as wide as the font is high);
+    its own line breaks stay."""
+    width, lines = int(size * 72 / (fontsize * 0.6)), []
+    for paragraph in text.split("\n"):
+        line = ""
+        for word in paragraph.split():
+            if line and len(line) + 1 + len(word) > width:
+                lines.append(line)
+                line = word
+            else:
+                line = f"{line} {word}".strip()
+        lines.append(line)
+    return "\n".join(lines)
 
 
 # The parts of the pipeline and the lessons that build them: (x, y, width, label,

@@ -52,6 +52,13 @@ def test_image_grid_draws_every_image_and_caption():
     assert shown.dtype == np.uint8 and shown.max() == 255
 
 
+def test_image_grid_keeps_a_captions_own_line_breaks():
+    caption = "a big blue star above a little green cross\nseed 0, w = 1"
+    fig = image_grid(torch.zeros(1, 3, 8, 8), [caption], size=2.4)
+    lines = fig.axes[0].get_title().split("\n")
+    assert lines[-1] == "seed 0, w = 1" and len(lines) == 3
+
+
 def test_image_grid_needs_one_caption_per_image():
     with pytest.raises(ValueError, match="Got 1 captions for 3 images"):
         image_grid(torch.zeros(3, 3, 4, 4), ["only one"])
