@@ -2,9 +2,10 @@
 
 The site is served on 127.0.0.1 only, for the length of the tests, and every page is
 opened 1366 px wide (a laptop) and 390 px wide (a phone). Each page must load with
-no console error or failed request, ask nothing of another host, show every image,
-typeset its math, fit the phone's width, and link its badges and its neighbours
-where they belong. Screenshots go to _build/screenshots/.
+no console error or failed request, ask nothing of another host, show every image
+(on a laptop, every figure at its own size: none scaled down to the column), typeset
+its math, fit the phone's width, and link its badges and its neighbours where they
+belong. Screenshots go to _build/screenshots/.
 """
 
 import gzip
@@ -182,7 +183,12 @@ MEASURE = """() => {
                      ...performance.getEntriesByType('resource')];
     // mdBook's content box scrolls on its own: it must not need to sideways either
     const boxes = [document.documentElement, document.getElementById('mdbook-content')];
-    return {broken: images,
+    // a figure wider than the column is scaled down, and its 10-pixel text with it
+    const shrunk = [...document.querySelectorAll('main img[width]')]
+        .filter(image => image.clientWidth > 0)  // not in a folded solution
+        .filter(image => image.clientWidth < Number(image.getAttribute('width')))
+        .map(image => image.getAttribute('src').slice(0, 60));
+    return {broken: images, shrunk: shrunk,
             overflow: Math.max(...boxes.map(box => box.scrollWidth - box.clientWidth)),
             bytes: entries.reduce((sum, entry) => sum + entry.encodedBodySize, 0),
             unpacked: entries.reduce((sum, entry) => sum + entry.decodedBodySize, 0)};
@@ -237,6 +243,9 @@ def page_problems(context, site: Site, name: str, phone: bool):
         if not url.startswith(("data:", "blob:", site.base))
     ]
     problems += [f"image {src} did not load" for src in measured["broken"]]
+    if not phone:
+        shrunk = measured["shrunk"]
+        problems += [f"figure {src} is scaled down to the column" for src in shrunk]
     if phone and measured["overflow"] > 0:
         problems.append(f"overflows the phone's width by {measured['overflow']} px")
     chapters = [a for a in hrefs(page, "#mdbook-sidebar a[href]") if "#" not in a]
