@@ -78,16 +78,19 @@ def _pixel_unet(name):
 
 
 def _pixel_uncond():
+    from sdscratch.checkpoint import read_manifest
     from sdscratch.samplers import sample
     from sdscratch.schedules import NoiseSchedule
 
-    _, unet = _pixel_unet("shapes-pixel-uncond")
+    root, unet = _pixel_unet("shapes-pixel-uncond")
+    scale = read_manifest(root)["quality"]["pixel_scale"]  # it diffuses pixels × scale
     generator = torch.Generator().manual_seed(11)
     noise = torch.randn((4, 3, 32, 32), generator=generator)
     with torch.no_grad():
-        return sample(
+        x = sample(
             unet, noise, "ddpm", 10, NoiseSchedule.scaled_linear(), generator=generator
-        ).clamp(-1, 1)
+        )
+    return (x / scale).clamp(-1, 1)
 
 
 def _pixel_text():

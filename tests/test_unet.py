@@ -126,14 +126,15 @@ def test_pixel_uncond_recipe_runs_and_writes_a_loadable_checkpoint(tmp_path):
     assert unet.config.cross_attention_dim is None and unet.config.in_channels == 3
     quality = manifest["quality"]
     # the held-out loss of the stored UNet, measured again: the val split's first
-    # 512 scenes, noise from seed + 2
+    # 512 scenes, scaled as it was trained, noise from seed + 2
     from sdscratch.schedules import NoiseSchedule
     from sdscratch.shapes.data import Shapes
     from sdscratch.train import diffusion_loss
 
     images = Shapes("val", seed=0, length=512).batch(range(512))[0]
     with torch.no_grad():
-        loss = diffusion_loss(unet, images, NoiseSchedule.scaled_linear(),
+        loss = diffusion_loss(unet, images * quality["pixel_scale"],
+                              NoiseSchedule.scaled_linear(),
                               torch.Generator().manual_seed(2)).item()  # fmt: skip
     assert quality["val_loss_512_scenes"] == pytest.approx(loss, abs=6e-5)
     assert manifest["cpu_seconds"] <= manifest["wall_time_seconds"] + 1  # one thread

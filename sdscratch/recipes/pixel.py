@@ -4,6 +4,14 @@
 Small widths and attention only at 8×8: pixel space is expensive on a CPU, the latent
 model carries the quality. Both share one training loop (`_train_pixel_unet`) and
 one measure of quality (`_pixel_quality`).
+
+pixel-uncond diffuses pixels × PIXEL_SCALE, as Stable Diffusion diffuses its latents ×
+0.18215: Shapes pixels (mostly flat grey) have a standard deviation of about 0.19, and
+scaled to about unit variance they meet the noise schedule as the data it was made
+for (`benchmarks/pixel_scale.py` measures the difference). Its samples are divided
+by the scale, which the manifest records as "pixel_scale". pixel-text keeps the
+pixels as they are: scaled, the same number of steps drew cleaner but less obedient
+pictures (the layout, decided at high noise, follows the prompt less).
 """
 
 import shutil
@@ -37,12 +45,13 @@ from sdscratch.tokenizer import Tokenizer
 from sdscratch.train import EMA, diffusion_loss, fit, rank_generator
 from sdscratch.unet import UNet, UNetConfig
 
-PIXEL_STEPS = 450  # AdamW steps of PIXEL_BATCH scenes
+PIXEL_STEPS = 800  # AdamW steps of PIXEL_BATCH scenes
 PIXEL_BATCH = 32
 PIXEL_LR = 3e-3
 PIXEL_SCENES = 10_240  # training scenes rendered once, reshuffled every epoch
 PIXEL_SAMPLES = 64  # samples (DDIM, 25 steps) that the quality figures are measured on
 PIXEL_TEXT_STEPS = 700
+PIXEL_SCALE = 5.0  # pixel-uncond's pixels × this: about unit variance (std 0.19)
 CAPTION_DROPOUT = 0.1  # share of training captions replaced by the empty prompt
 GUIDANCE = 3.0  # classifier-free guidance scale of the measured samples
 
@@ -81,16 +90,19 @@ def pixel_uncond(out, seed, steps, checkpoint=None, shards=None):
     count = min(PIXEL_SCENES, PIXEL_BATCH * steps)
     images, _, skipped = _training_scenes("pixel-uncond", count, seed, shards)
     ema, losses = _train_pixel_unet(
-        unet, schedule, images, None, steps, seed, checkpoint=checkpoint
+        unet, schedule, images * PIXEL_SCALE, None, steps, seed, checkpoint=checkpoint
     )
     save_component(ema, out / "unet", config, dtype=torch.float16)
     bundled = load_component(out / "unet", UNet, UNetConfig)  # as stored
     eps_fn = bundled  # unconditional: ε̂ = unet(x, t)
     val_seed = scenes_seed("pixel-uncond", seed, "eval")
-    quality, _ = _pixel_quality(bundled, schedule, seed, val_seed, eps_fn)
+    quality, _ = _pixel_quality(
+        bundled, schedule, seed, val_seed, eps_fn, scale=PIXEL_SCALE
+    )
     return skipped | {
         "steps": steps,
         "batch_size": PIXEL_BATCH,
+        "pixel_scale": PIXEL_SCALE,
         "parameters": sum(p.numel() for p in unet.parameters()),
         "train_loss_last_50_steps": round(mean_of_last(losses, 50), 4),
         **quality,
@@ -224,7 +236,7 @@ def _train_pixel_unet(
     return ema.model, losses
 
 
-def _pixel_quality(unet, schedule, seed, val_seed, eps_fn, contexts=None):
+def _pixel_quality(unet, schedule, seed, val_seed, eps_fn, contexts=None, scale=1.0):
     """Held-out loss; FID (judge features) and solid-colour share of samples.
 
     Args:
@@ -232,15 +244,18 @@ def _pixel_quality(unet, schedule, seed, val_seed, eps_fn, contexts=None):
             of the held-out scenes.
         eps_fn: `eps_fn(x, t) -> ε̂` for the first PIXEL_SAMPLES noises (guided for
             text models); contexts: (512, L, D) for the held-out loss, or None.
+        scale: the model diffuses pixels × scale.
     Returns:
-        the figures (a dict) and the samples (PIXEL_SAMPLES, 3, 32, 32).
+        the figures (a dict) and the samples (PIXEL_SAMPLES, 3, 32, 32), pixels.
     """
     n, images = PIXEL_SAMPLES, real_images(512, "val", val_seed)[0]
     held_out = torch.Generator().manual_seed(seed + 2)
     with torch.no_grad():
-        val_loss = diffusion_loss(unet, images, schedule, held_out, contexts).item()
+        val_loss = diffusion_loss(
+            unet, images * scale, schedule, held_out, contexts
+        ).item()
         noise = torch.randn((n, 3, 32, 32), generator=held_out)
-        samples = sample(eps_fn, noise, "ddim", 25, schedule)
+        samples = sample(eps_fn, noise, "ddim", 25, schedule) / scale
     real = real_features(n, "val", val_seed)
     fid = frechet_distance(image_features(samples), real)
     return {
