@@ -1,6 +1,6 @@
-"""Why pixel-uncond diffuses pixels × 5: one UNet, data and steps, unscaled and scaled.
+"""Why the pixel UNets diffuse scaled pixels: one UNet, data and steps, several scales.
 
-    python benchmarks/pixel_scale.py [--steps 450] [--scales 1 5]
+    python benchmarks/pixel_scale.py [--model uncond|text] [--steps N] [--scales 1 5]
 
 Shapes pixels are mostly flat grey: their standard deviation is about 0.19, where
 Stable Diffusion's noise schedule was made for data of about unit variance (SD
@@ -11,11 +11,19 @@ pixel-uncond recipe's UNet, data, optimiser and seed (`sdscratch.recipes.pixel`)
 train `--steps` steps on pixels × scale; its 64 DDIM samples (25 steps), divided by
 the scale, are scored as the recipe scores them: the share of solid-colour pixels
 (real scenes: 0.97) and FID on the judge's features against the real-vs-real floor.
+
+`--model text` runs the pixel-text recipe itself (`sdscratch.recipes.pixel_text`,
+default 1,400 steps) at each scale into a temporary folder and adds its prompt
+accuracy (64 evaluation prompts, guidance 3). A larger scale also leaves more of the
+image in the first noise of sampling (SD's schedule ends at √ᾱ_T = 0.068, so × 5
+keeps 0.34 of it): the layout then follows the noise more and the prompt less.
 One thread.
 """
 
 import argparse
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from _machine import machine  # benchmarks/_machine.py, beside this script
@@ -27,6 +35,7 @@ from sdscratch.recipes.pixel import (
     _pixel_quality,
     _train_pixel_unet,
     _training_scenes,
+    pixel_text,
     pixel_unet_config,
 )
 from sdscratch.schedules import NoiseSchedule
@@ -46,12 +55,36 @@ def run(images, steps, scale, seed=0) -> dict:
     return quality | {"train_cpu_seconds": round(seconds)}
 
 
+def run_text(steps, scale) -> dict:
+    """The pixel-text recipe at `scale`: its quality figures, and CPU s."""
+    start = time.process_time()
+    with tempfile.TemporaryDirectory() as folder:
+        quality = pixel_text(Path(folder), 0, steps, scale=scale)
+    return quality | {"cpu_seconds": round(time.process_time() - start)}
+
+
+def text_table(steps, scales):
+    print(f"pixel-text, {steps} steps of {PIXEL_BATCH}")
+    print(" scale  accuracy  solid share  FID (64)  CPU s")
+    for scale in scales:
+        q = run_text(steps, scale)
+        accuracy = q["prompt_accuracy_64_test_prompts"]
+        share, fid = q["solid_colour_share_samples"], q["fid_64_samples_judge_features"]
+        seconds = q["cpu_seconds"]
+        print(f"{scale:6g} {accuracy:9.3f} {share:12.3f} {fid:9.1f} {seconds:6d}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=450, help="training steps each")
+    parser.add_argument("--model", choices=("uncond", "text"), default="uncond")
+    parser.add_argument("--steps", type=int, help="training steps (450; text 1,400)")
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 5.0])
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.model == "text":
+        print(machine())
+        return text_table(args.steps or 1400, args.scales)
+    args.steps = args.steps or 450
     count = min(PIXEL_SCENES, PIXEL_BATCH * args.steps)
     images = _training_scenes("pixel-uncond", count, 0)[0]  # (N, 3, 32, 32)
     print(machine())

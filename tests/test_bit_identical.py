@@ -95,7 +95,7 @@ def _pixel_uncond():
 
 def _pixel_text():
     """Classifier-free guidance at 3 over shapes-clip's text encoder, DDIM 15."""
-    from sdscratch.checkpoint import load_component
+    from sdscratch.checkpoint import load_component, read_manifest
     from sdscratch.clip import TextEncoder, TextEncoderConfig
     from sdscratch.samplers import sample
     from sdscratch.schedules import NoiseSchedule
@@ -113,7 +113,8 @@ def _pixel_text():
             cond, uncond = both.chunk(2)
             return uncond + 3.0 * (cond - uncond)
 
-        return sample(eps_fn, noise, "ddim", 15, NoiseSchedule.scaled_linear())
+        x = sample(eps_fn, noise, "ddim", 15, NoiseSchedule.scaled_linear())
+    return x / read_manifest(root)["quality"]["pixel_scale"]  # pixels × scale
 
 
 def _vae_reconstruction():

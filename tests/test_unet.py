@@ -193,7 +193,8 @@ def test_bundled_pixel_text_loads_and_draws_the_prompted_colour():
         context, empty = encoder(tokenizer(prompts)), encoder(tokenizer([""]))
     eps_fn = guided(unet, context, empty, 3.0)  # the recipe's guidance scale
     noise = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    pixels = sample(eps_fn, noise, "ddim", 20).flatten(2)  # (6, 3, 1024), 20 steps
+    scale = manifest["quality"]["pixel_scale"]  # it diffuses pixels × scale
+    pixels = (sample(eps_fn, noise, "ddim", 20) / scale).flatten(2)  # (6, 3, 1024)
     saturation = pixels.amax(dim=1) - pixels.amin(dim=1)  # the grey background: ~0
     drawn = torch.stack(
         [pixels[i][:, saturation[i].topk(128).indices].mean(dim=1) for i in range(6)]

@@ -5,13 +5,14 @@ Small widths and attention only at 8×8: pixel space is expensive on a CPU, the 
 model carries the quality. Both share one training loop (`_train_pixel_unet`) and
 one measure of quality (`_pixel_quality`).
 
-pixel-uncond diffuses pixels × PIXEL_SCALE, as Stable Diffusion diffuses its latents ×
-0.18215: Shapes pixels (mostly flat grey) have a standard deviation of about 0.19, and
-scaled to about unit variance they meet the noise schedule as the data it was made
-for (`benchmarks/pixel_scale.py` measures the difference). Its samples are divided
-by the scale, which the manifest records as "pixel_scale". pixel-text keeps the
-pixels as they are: scaled, the same number of steps drew cleaner but less obedient
-pictures (the layout, decided at high noise, follows the prompt less).
+Both diffuse scaled pixels, as Stable Diffusion diffuses its latents × 0.18215:
+Shapes pixels (mostly flat grey) have a standard deviation of about 0.19, and scaled
+towards unit variance they meet the noise schedule as the data it was made for.
+pixel-uncond scales by PIXEL_SCALE (5: about unit variance); pixel-text by
+PIXEL_TEXT_SCALE (2.5): at 5, SD's schedule leaves a larger share of the image in
+the first noise (√ᾱ_T · 5 ≈ 0.34), so the layout follows the noise more and the
+prompt less. `benchmarks/pixel_scale.py` measures both. Samples are divided by the
+scale, which each manifest records as "pixel_scale".
 """
 
 import shutil
@@ -50,8 +51,9 @@ PIXEL_BATCH = 32
 PIXEL_LR = 3e-3
 PIXEL_SCENES = 10_240  # training scenes rendered once, reshuffled every epoch
 PIXEL_SAMPLES = 64  # samples (DDIM, 25 steps) that the quality figures are measured on
-PIXEL_TEXT_STEPS = 700
+PIXEL_TEXT_STEPS = 1400
 PIXEL_SCALE = 5.0  # pixel-uncond's pixels × this: about unit variance (std 0.19)
+PIXEL_TEXT_SCALE = 2.5  # pixel-text's
 CAPTION_DROPOUT = 0.1  # share of training captions replaced by the empty prompt
 GUIDANCE = 3.0  # classifier-free guidance scale of the measured samples
 
@@ -74,7 +76,7 @@ def pixel_unet_config(cross_attention_dim=None):
 
 
 @recipe("pixel-uncond", default_out="shapes-pixel-uncond")
-def pixel_uncond(out, seed, steps, checkpoint=None, shards=None):
+def pixel_uncond(out, seed, steps, checkpoint=None, shards=None, scale=PIXEL_SCALE):
     """An unconditional UNet on 32×32 Shapes pixels with SD v1's noise schedule.
 
     DDPM loss, EMA weights saved in float16 to `out/unet`. Quality: held-out loss,
@@ -90,19 +92,17 @@ def pixel_uncond(out, seed, steps, checkpoint=None, shards=None):
     count = min(PIXEL_SCENES, PIXEL_BATCH * steps)
     images, _, skipped = _training_scenes("pixel-uncond", count, seed, shards)
     ema, losses = _train_pixel_unet(
-        unet, schedule, images * PIXEL_SCALE, None, steps, seed, checkpoint=checkpoint
+        unet, schedule, images * scale, None, steps, seed, checkpoint=checkpoint
     )
     save_component(ema, out / "unet", config, dtype=torch.float16)
     bundled = load_component(out / "unet", UNet, UNetConfig)  # as stored
     eps_fn = bundled  # unconditional: ε̂ = unet(x, t)
     val_seed = scenes_seed("pixel-uncond", seed, "eval")
-    quality, _ = _pixel_quality(
-        bundled, schedule, seed, val_seed, eps_fn, scale=PIXEL_SCALE
-    )
+    quality, _ = _pixel_quality(bundled, schedule, seed, val_seed, eps_fn, scale=scale)
     return skipped | {
         "steps": steps,
         "batch_size": PIXEL_BATCH,
-        "pixel_scale": PIXEL_SCALE,
+        "pixel_scale": scale,
         "parameters": sum(p.numel() for p in unet.parameters()),
         "train_loss_last_50_steps": round(mean_of_last(losses, 50), 4),
         **quality,
@@ -110,7 +110,7 @@ def pixel_uncond(out, seed, steps, checkpoint=None, shards=None):
 
 
 @recipe("pixel-text", default_out="shapes-pixel-text")
-def pixel_text(out, seed, steps, checkpoint=None, shards=None):
+def pixel_text(out, seed, steps, checkpoint=None, shards=None, scale=PIXEL_TEXT_SCALE):
     """A text-conditioned UNet on 32×32 Shapes pixels.
 
     Its cross-attention reads the hidden states of shapes-clip's frozen text
@@ -132,7 +132,7 @@ def pixel_text(out, seed, steps, checkpoint=None, shards=None):
     images, captions, skipped = _training_scenes("pixel-text", count, seed, shards)
     contexts = encode(captions)  # (N, L, D), the frozen encoder's
     ema, losses = _train_pixel_unet(
-        unet, schedule, images, contexts, steps, seed, hidden[0], checkpoint
+        unet, schedule, images * scale, contexts, steps, seed, hidden[0], checkpoint
     )
     save_component(ema, out / "unet", config, dtype=torch.float16)
     bundled = load_component(out / "unet", UNet, UNetConfig)  # as stored
@@ -140,10 +140,11 @@ def pixel_text(out, seed, steps, checkpoint=None, shards=None):
         "steps": steps,
         "batch_size": PIXEL_BATCH,
         "caption_dropout": CAPTION_DROPOUT,
+        "pixel_scale": scale,
         "parameters": sum(p.numel() for p in unet.parameters()),
         "train_loss_last_50_steps": round(mean_of_last(losses, 50), 4),
         "guidance_scale": GUIDANCE,
-        **_guided_quality(bundled, schedule, seed, encode, hidden),
+        **_guided_quality(bundled, schedule, seed, encode, hidden, scale),
     }
 
 
@@ -160,15 +161,16 @@ def _training_scenes(name, count, seed, shards=None):
     return torch.cat(images), captions, {"shards_skipped": stream.report()}
 
 
-def _guided_quality(unet, schedule, seed, encode, hidden) -> dict:
+def _guided_quality(unet, schedule, seed, encode, hidden, scale) -> dict:
     """pixel-text's quality: the prompt accuracy of PIXEL_SAMPLES guided samples of
-    evaluation prompts, then `_pixel_quality`'s figures of the same samples."""
+    evaluation prompts, then `_pixel_quality`'s figures of the same samples (the
+    model diffuses pixels × scale)."""
     val_seed = scenes_seed("pixel-text", seed, "eval")
     prompts, scenes = evaluation_prompts(PIXEL_SAMPLES, seed=val_seed)
     eps_fn = guided(unet, encode(prompts), hidden, GUIDANCE)
     val_captions = real_images(512, "val", val_seed)[1]
     quality, samples = _pixel_quality(
-        unet, schedule, seed, val_seed, eps_fn, encode(val_captions)
+        unet, schedule, seed, val_seed, eps_fn, encode(val_captions), scale
     )
     accuracy = round(prompt_accuracy(samples, scenes), 3)
     return {f"prompt_accuracy_{PIXEL_SAMPLES}_test_prompts": accuracy, **quality}
