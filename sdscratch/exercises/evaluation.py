@@ -133,8 +133,9 @@ def check_inception_score(fn) -> None:
             "p(y) is the mean posterior over the images (dim 0), not over "
             "the classes.": (torch.xlogy(probs, probs) - torch.xlogy(
                 probs, probs.mean(1, keepdim=True))).sum(1).mean().exp(),
-            "the KL keeps the marginal's entropy: exp(H(y) − E H(y|x)), not "
-            "exp(E H(y|x)).": entropy.mean().exp(),
+            "IS = exp(H(y) − E_x H(y|x)): you returned the exp of the "
+            "posteriors' mean entropy alone; subtract it from the marginal's "
+            "entropy.": entropy.mean().exp(),
         }  # fmt: skip
         want = reference_inception_score(probs)
         got, error = call(fn, probs.clone())

@@ -84,6 +84,8 @@ def pixel_uncond(out, seed, steps, checkpoint=None, shards=None, scale=PIXEL_SCA
     the samples' pixels that are the background or one of the six colours.
     shards: a folder of tar shards whose first images it trains on (as many as it
     would draw Shapes scenes) instead of those scenes.
+    scale: it diffuses pixels × scale (the manifest's "pixel_scale"; samples are
+    divided by it).
     """
     steps = steps or PIXEL_STEPS
     config, schedule = pixel_unet_config(), NoiseSchedule.scaled_linear()
@@ -120,6 +122,8 @@ def pixel_text(out, seed, steps, checkpoint=None, shards=None, scale=PIXEL_TEXT_
     adds the judge's prompt accuracy of guided samples of evaluation prompts.
     shards: a folder of tar shards whose first captioned images it trains on (as
     many as it would draw Shapes scenes) instead of those scenes.
+    scale: it diffuses pixels × scale (the manifest's "pixel_scale"; samples are
+    divided by it).
     """
     steps = steps or PIXEL_TEXT_STEPS
     encode = _copy_text_encoder(resolve("shapes-clip"), out)
