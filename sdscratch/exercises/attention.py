@@ -65,8 +65,8 @@ def check_cross_attention(fn) -> None:
         context = torch.randn(2, 7, context_dim, generator=g)
 
         def forward(scale_width=None, merge="b h n d -> b n (h d)", project=True):
-            q, k, v = (split_heads(part, heads) for part in
-                       (layer.to_q(x), layer.to_k(context), layer.to_v(context)))  # fmt: skip
+            parts = (layer.to_q(x), layer.to_k(context), layer.to_v(context))
+            q, k, v = (split_heads(part, heads) for part in parts)
             width = scale_width or q.shape[-1]
             weights = (q @ k.transpose(-1, -2) / width**0.5).softmax(dim=-1)
             out = rearrange(weights @ v, merge)  # (B, N, dim)

@@ -44,8 +44,10 @@ def check_guided_noise(fn) -> None:
         calls.clear()
         got, error = call(fn, unet, x, t, context, uncond, w)
         if error is None and calls != [2 * len(x)]:
-            error = ("Not yet: call the UNet once, on the doubled batch of "
-                     f"{2 * len(x)} (it was called on batches of {calls}).")  # fmt: skip
+            error = (
+                "Not yet: call the UNet once, on the doubled batch of "
+                f"{2 * len(x)} (it was called on batches of {calls})."
+            )
         return got, error, want, mistakes
 
     return check("guided_noise", [case(7.5), case(2.0)])

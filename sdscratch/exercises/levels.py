@@ -29,8 +29,8 @@ def check_scaled_linear_betas(fn) -> None:
         got, error = call(fn, start, end, steps)
         return got, error, want, mistakes
 
-    return check("scaled_linear_betas", [case(0.00085, 0.012, 1000), case(1e-4, 0.02, 50)],
-                 atol=1e-7)  # fmt: skip
+    cases = [case(0.00085, 0.012, 1000), case(1e-4, 0.02, 50)]
+    return check("scaled_linear_betas", cases, atol=1e-7)
 
 
 def check_predict_x0(fn) -> None:

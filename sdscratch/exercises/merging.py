@@ -41,8 +41,10 @@ def _dict_mistake(got, want: dict, a: dict) -> str | None:
                 "never mix them."
             )
         if tensor.dtype != a[key].dtype:
-            return (f"Not yet: keep A's dtype: {key!r} is {a[key].dtype}, got "
-                    f"{tensor.dtype}.")
+            return (
+                f"Not yet: keep A's dtype: {key!r} is {a[key].dtype}, got "
+                f"{tensor.dtype}."
+            )
     return None
 
 
@@ -161,8 +163,10 @@ def check_decide(fn) -> None:
     def mistake(b, k, e) -> str | None:
         images = torch.randn(b, e, generator=g) * 3  # not unit vectors
         concepts = torch.randn(k, e, generator=g)
-        cos = torch.nn.functional.normalize(images, dim=-1) @ \
-            torch.nn.functional.normalize(concepts, dim=-1).T  # (B, K)
+        cos = (
+            torch.nn.functional.normalize(images, dim=-1)
+            @ torch.nn.functional.normalize(concepts, dim=-1).T
+        )  # (B, K)
         thresholds = torch.rand(k, generator=g) * 0.3
         thresholds[0] = cos[0, 0]  # image 0 scores exactly 0 there: not flagged
         scores, flagged = decide(images, concepts, thresholds)
