@@ -8,8 +8,9 @@ scales its latents by 0.18215 for that reason). Unscaled, every noisy image is
 (1/0.19)² ≈ 28 times fainter against the noise than the schedule assumes, so most
 training timesteps show the network little but noise. For each scale, the
 pixel-uncond recipe's UNet, data, optimiser and seed (`sdscratch.recipes.pixel`)
-train `--steps` steps on pixels × scale; its 64 DDIM samples (25 steps), divided by
-the scale, are scored as the recipe scores them: the share of solid-colour pixels
+train `--steps` steps on pixels × scale; the 64 DDIM samples (25 steps) of its EMA
+weights (in float32, where the recipe scores the stored float16 copy), divided by the
+scale, are scored as the recipe scores them: the share of solid-colour pixels
 (real scenes: 0.97) and FID on the judge's features against the real-vs-real floor.
 
 `--model text` runs the pixel-text recipe itself (`sdscratch.recipes.pixel_text`,
@@ -43,7 +44,14 @@ from sdscratch.unet import UNet
 
 
 def run(images, steps, scale, seed=0) -> dict:
-    """Train on images × scale; the recipe's figures of its samples, and CPU s."""
+    """Train the pixel-uncond UNet on images × scale.
+
+    Args:
+        images: (N, 3, 32, 32) training scenes in [-1, 1].
+        steps, scale, seed: training steps, the data's scale, the run's seed.
+    Returns:
+        `_pixel_quality`'s figures of its samples, and "train_cpu_seconds".
+    """
     schedule = NoiseSchedule.scaled_linear()
     with seeded(seed):
         unet = UNet(pixel_unet_config())
@@ -56,7 +64,11 @@ def run(images, steps, scale, seed=0) -> dict:
 
 
 def run_text(steps, scale) -> dict:
-    """The pixel-text recipe at `scale`: its quality figures, and CPU s."""
+    """Run the pixel-text recipe at `scale` into a temporary folder.
+
+    Returns:
+        its manifest's quality figures, and "cpu_seconds" of the whole run.
+    """
     start = time.process_time()
     with tempfile.TemporaryDirectory() as folder:
         quality = pixel_text(Path(folder), 0, steps, scale=scale)

@@ -373,7 +373,7 @@ def _scores(images, captions, attrs, scenes, fid, judge, clip) -> dict:
     result = evaluate_samples(images, captions, attrs, reference, judge, clip)
     test = real_features(n, "test", scenes, judge=judge)  # the prompts' own scenes
     result["fid_floor"] = frechet_distance(test, reference)
-    return result | real_reference(n, scenes, images.shape[-1], judge)
+    return result | real_reference(n, seed=scenes, size=images.shape[-1], judge=judge)
 
 
 def real_reference(n, seed=0, size=32, judge=None) -> dict[str, float]:
@@ -383,6 +383,11 @@ def real_reference(n, seed=0, size=32, judge=None) -> dict[str, float]:
     Like FID, the Inception Score depends on N (each split estimates p(y) from
     N / 10 images), so a model's is quoted next to this at the same N.
 
+    Args:
+        n: the number of prompts (and real scenes).
+        seed: the Shapes seed of the test split the prompts came from.
+        size: the scenes' side in pixels, the generated images'.
+        judge: a `Judge` (default: the bundled one).
     Returns:
         {"inception_score_real": float, "outline_iou_real": float}.
     """
