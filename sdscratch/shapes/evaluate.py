@@ -204,9 +204,10 @@ def outline_scores(images, scenes, reads=None) -> dict[str, float]:
     """The outline measure's prompt accuracy (one- and two-object prompts apart)
     and the mean outline IoU of the requested objects (`outline_accuracy`).
 
-    A prompt that leaves an attribute out (None) accepts what the outline reads:
-    an object without a position is the image's one object (if the outline reads
-    exactly one; else none, so it scores IoU 0, as a missing object does).
+    A prompt that leaves an attribute out (None) accepts what the outline reads
+    (`sdscratch.shapes.outline.outline_check`): an object without a position is the
+    image's one object (if the outline reads exactly one; else none, so it scores
+    IoU 0, as a missing object does).
 
     Args:
         images: (N, 3, H, W) in [-1, 1], or N PIL images.
@@ -218,7 +219,7 @@ def outline_scores(images, scenes, reads=None) -> dict[str, float]:
     """
     images = as_tensor(images)
     reads = read_objects(images) if reads is None else reads
-    scenes = [_filled(attrs, objects) for attrs, objects in zip(scenes, reads)]
+    scenes = [parse_caption(s) if isinstance(s, str) else s for s in scenes]
     result = {}
     for count, name in ((1, "one_object"), (2, "two_objects")):
         keep = [i for i, attrs in enumerate(scenes) if len(attrs["objects"]) == count]
@@ -228,22 +229,6 @@ def outline_scores(images, scenes, reads=None) -> dict[str, float]:
             result[f"outline_accuracy_{name}"] = right["scene"]
     result["outline_iou"] = outline_accuracy(images, scenes, reads)["mean_iou"]
     return result
-
-
-def _filled(attrs, objects: list) -> dict:
-    """attrs with each left-out value (None) taken from the object read there."""
-    attrs = parse_caption(attrs) if isinstance(attrs, str) else attrs
-    filled = []
-    for obj in attrs["objects"]:
-        if obj["position"] is None:
-            there = objects if len(objects) == 1 else []
-        else:
-            there = [read for read in objects if read["position"] == obj["position"]]
-        if len(there) == 1:
-            obj = {key: there[0][key] if value is None else value
-                   for key, value in obj.items()}  # fmt: skip
-        filled.append(obj)
-    return attrs | {"objects": filled}
 
 
 # ----------------------------------------------------------------------------------

@@ -280,15 +280,30 @@ def _read_blob(colour, a, area, size, min_iou) -> dict:
 # Reads against prompts
 
 
-def _asked(scene) -> dict:
-    return parse_caption(scene) if isinstance(scene, str) else scene
+def _asked(scene, objects: list) -> dict:
+    """The scene's attrs, each value a prompt left out (None: any) taken from the
+    object read there; an object asked without a position is the image's one
+    object (if the outline reads exactly one; else it stays unplaced and is found
+    nowhere, as a missing object)."""
+    attrs = parse_caption(scene) if isinstance(scene, str) else scene
+    filled = []
+    for obj in attrs["objects"]:
+        if obj["position"] is None:
+            there = objects if len(objects) == 1 else []
+        else:
+            there = [read for read in objects if read["position"] == obj["position"]]
+        if len(there) == 1:
+            obj = {key: there[0][key] if value is None else value
+                   for key, value in obj.items()}  # fmt: skip
+        filled.append(obj)
+    return attrs | {"objects": filled}
 
 
 def match(objects: list, scene) -> list:
     """For each object a scene asks for, the object read at its position (None if
     there is none, or more than one)."""
     found = []
-    for asked in _asked(scene)["objects"]:
+    for asked in _asked(scene, objects)["objects"]:
         there = [obj for obj in objects if obj["position"] == asked["position"]]
         found.append(there[0] if len(there) == 1 else None)
     return found
@@ -297,7 +312,8 @@ def match(objects: list, scene) -> list:
 def outline_check(images, scenes, reads=None) -> dict[str, torch.Tensor]:
     """Which requested attributes each image shows, as its outlines read.
 
-    The same verdicts as `sdscratch.shapes.judge.check`, from `read_objects`.
+    The same verdicts as `sdscratch.shapes.judge.check`, from `read_objects`; an
+    attribute a prompt leaves out accepts what is read (see `_asked`).
 
     Args:
         images: (B, 3, H, W) in [-1, 1], or B PIL images.
@@ -313,7 +329,7 @@ def outline_check(images, scenes, reads=None) -> dict[str, torch.Tensor]:
         raise ValueError(f"{len(reads)} images but {len(scenes)} scenes.")
     right = {name: [] for name in ("position", "shape", "colour", "size")}
     for objects, scene in zip(reads, scenes):
-        asked = _asked(scene)["objects"]
+        asked = _asked(scene, objects)["objects"]
         positions = sorted(obj["position"] for obj in objects)
         right["position"].append(positions == sorted(o["position"] for o in asked))
         found = match(objects, scene)
@@ -332,7 +348,7 @@ def asked_ious(reads: list, scenes) -> list[float]:
     object is at its position), over all scenes' objects in order."""
     ious = []
     for objects, scene in zip(reads, scenes):
-        for obj, want in zip(match(objects, scene), _asked(scene)["objects"]):
+        for obj, want in zip(match(objects, scene), _asked(scene, objects)["objects"]):
             ious.append(0.0 if obj is None else obj["ious"][want["shape"]])
     return ious
 
@@ -351,7 +367,7 @@ def outline_accuracy(images, scenes, reads=None) -> dict[str, float]:
     objects = [
         obj is not None and all(obj[key] == want[key] for key in keys)
         for found, scene in zip(reads, scenes)
-        for obj, want in zip(match(found, scene), _asked(scene)["objects"])
+        for obj, want in zip(match(found, scene), _asked(scene, found)["objects"])
     ]
     result["objects"] = sum(objects) / max(len(objects), 1)
     ious = asked_ious(reads, scenes)
