@@ -250,3 +250,28 @@ def test_clip_recipe_runs_and_its_checkpoint_loads(tmp_path):
     images, _, _ = Shapes("test", length=2).batch([0, 1])
     similarity = clip.similarity(images, ["a red circle", "a blue square", "x"])
     assert similarity.shape == (2, 3) and similarity.abs().max() <= 1 + 1e-5
+
+
+@pytest.mark.parametrize("captions", ["templates", "natural"])
+def test_paired_negatives_contradict_their_image(captions):
+    """A hard negative phrased with its caption's draws always says something false
+    of the caption's image; phrased independently, some natural negatives do not
+    (they leave out the attribute that was changed), template ones always do."""
+    from sdscratch.recipes.clip import _pairs
+    from sdscratch.shapes.data import codes_satisfy
+    from sdscratch.tokenizer import train_bpe
+
+    train = Shapes("train", seed=3, captions=captions)
+    tokenizer = train_bpe([train.scene(i)[0] for i in range(300)], vocab_size=400)
+    true_negatives = {}
+    for negatives in ("independent", "paired"):
+        *_, shown, asked = _pairs(train, 400, tokenizer, 0, negatives)
+        caption_true = codes_satisfy(shown, asked[0]).diagonal()  # (N,)
+        negative_true = codes_satisfy(shown, asked[1]).diagonal()
+        assert caption_true.all()  # a caption describes its own image
+        true_negatives[negatives] = 1 - negative_true.float().mean().item()
+    assert true_negatives["paired"] == 1.0
+    if captions == "templates":
+        assert true_negatives["independent"] == 1.0
+    else:
+        assert true_negatives["independent"] < 0.97

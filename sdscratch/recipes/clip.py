@@ -16,6 +16,7 @@ from sdscratch.clip import (
     TextEncoderConfig,
     contrastive_loss,
 )
+from sdscratch.pipeline_inputs import check_choice
 from sdscratch.recipes.common import (
     mean_of_last,
     recipe,
@@ -29,6 +30,7 @@ from sdscratch.shapes.data import (
     codes_satisfy,
     describe,
     parse_caption,
+    satisfies,
     scene_codes,
     vocabulary,
 )
@@ -41,6 +43,10 @@ CLIP_BATCH = 128
 CLIP_POOL = 20_000  # training scenes drawn once, then sampled from
 CLIP_CONTEXT = 32  # tokens per prompt; Shapes captions need at most 16
 CLIP_TEST_SCENES = 1000  # held-out scenes (test split) for the zero-shot accuracy
+# How a hard negative is phrased: "independent" (its own random draws: the bundled
+# CLIP's, on template captions) or "paired" (its caption's draws). See `_pairs`.
+CLIP_NEGATIVES = "independent"
+NEGATIVE_PHRASINGS = ("independent", "paired")
 
 
 def clip_configs(vocab_size, eos_token_id):
@@ -81,23 +87,31 @@ def _hard_negative(attrs, rng) -> dict:
 
 
 @recipe("clip", default_out="shapes-clip")
-def train_clip(out, seed, steps, checkpoint=None):
+def train_clip(
+    out, seed, steps, checkpoint=None, captions=None, negatives=CLIP_NEGATIVES
+):
     """A byte-level BPE vocabulary and a tiny CLIP, trained on Shapes captions.
 
     Every caption in a batch comes with a hard negative, the caption of a scene one
     change away ("a blue circle above a red square" for "a red circle above a blue
     square"): random batches seldom hold such pairs, and without them CLIP learns
     a bag of words that ignores order (Yuksekgonul et al. 2023, NegCLIP).
+
+    captions: the training captions' grammar (default `CAPTIONS`).
+    negatives: how each negative is phrased, "independent" or "paired" (`_pairs`).
     """
+    check_choice(negatives, NEGATIVE_PHRASINGS, "negatives")
     steps = steps or CLIP_STEPS
-    train = Shapes("train", seed=scenes_seed("clip", seed))
+    train = Shapes("train", seed=scenes_seed("clip", seed), captions=captions)
     tokenizer = _train_tokenizer(train)
     with seeded(seed):  # the initial weights
         text_config, image_config = clip_configs(len(tokenizer), tokenizer.eos_id)
         clip = CLIP(TextEncoder(text_config), ImageEncoder(image_config), tokenizer)
 
     pool = min(CLIP_POOL, steps * CLIP_BATCH)
-    images, ids, negative_ids, shown, asked = _pairs(train, pool, tokenizer, seed)
+    images, ids, negative_ids, shown, asked = _pairs(
+        train, pool, tokenizer, seed, negatives
+    )
     generator = rank_generator(seed)  # each process its own batches
 
     def batches():
@@ -135,8 +149,18 @@ def _train_tokenizer(train):
     return tokenizer
 
 
-def _pairs(train, pool, tokenizer, seed):
+def _pairs(train, pool, tokenizer, seed, negatives="independent"):
     """The first `pool` training scenes, their captions and hard negatives.
+
+    negatives: "independent" phrases each negative with its own random draws.
+    Template captions vary little, and name every attribute, so any phrasing of
+    the changed scene contradicts the image. Natural captions vary in synonyms,
+    word order and what they leave out: phrased independently, a negative differs
+    from its caption in many words besides the changed ones (and now and then
+    leaves out the changed attribute, and says nothing false). "paired" phrases
+    the caption and its negative with the same draws and changes only what the
+    caption names: they differ in the changed words alone, the minimal pairs of
+    NegCLIP's swapped captions. `benchmarks/clip_captions.py` measures both.
 
     Returns:
         images (N, 3, 32, 32); ids and negative_ids (N, L), token ids of the
@@ -148,13 +172,29 @@ def _pairs(train, pool, tokenizer, seed):
     """
     images, captions, scenes = train.batch(range(pool))
     rng = random.Random(seed)
-    negatives = [_hard_negative(scene, rng) for scene in scenes]
-    negative_captions = [describe(scene, rng, train.captions) for scene in negatives]
+    if negatives == "paired":
+        pairs = [_paired_captions(scene, rng, train.captions) for scene in scenes]
+        captions, negative_captions = (list(texts) for texts in zip(*pairs))
+    else:
+        changed = [_hard_negative(scene, rng) for scene in scenes]
+        negative_captions = [describe(scene, rng, train.captions) for scene in changed]
     ids = tokenizer(captions)  # (N, L)
     negative_ids = tokenizer(negative_captions)  # (N, L)
     said = [parse_caption(text) for text in captions + negative_captions]
     asked = asked_codes(said).reshape(2, pool, -1)  # (2, N, 19)
     return images, ids, negative_ids, scene_codes(scenes), asked
+
+
+def _paired_captions(scene, rng, grammar) -> tuple[str, str]:
+    """A caption of `scene` and a hard negative phrased with the same draws, one
+    change away in something the caption names (a change to an attribute it leaves
+    out would give the same words)."""
+    draw = rng.getrandbits(32)
+    caption = describe(scene, random.Random(draw), grammar)
+    while True:
+        negative = describe(_hard_negative(scene, rng), random.Random(draw), grammar)
+        if not satisfies(scene, parse_caption(negative)):
+            return caption, negative
 
 
 def _zero_shot(clip, out, seed, steps) -> dict:
