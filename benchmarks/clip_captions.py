@@ -13,8 +13,9 @@ then it leaves out the changed attribute and says nothing false. Phrased with it
 caption's draws ("paired", changing only what the caption names), it differs from
 the caption in the changed words alone.
 
-First, for the first 2,000 training scenes of each grammar and phrasing, the share
-of hard negatives that the caption's own image satisfies (no negative at all). Then
+First, for the recipe's first 2,000 training scenes in each grammar and phrasing,
+the share of hard negatives that the caption's own image satisfies (no negative at
+all). Then
 this trains the clip recipe (`sdscratch.recipes.clip.train_clip`, `--steps` steps,
 one thread) on natural captions with independent and with paired negatives, and
 prints their zero-shot accuracy on the recipe's 1,000 held-out test scenes, asked in
@@ -33,6 +34,7 @@ from _machine import machine  # benchmarks/_machine.py, beside this script
 
 from sdscratch import assets_dir
 from sdscratch.recipes.clip import _pairs, train_clip
+from sdscratch.recipes.common import scenes_seed
 from sdscratch.shapes.data import Shapes, codes_satisfy
 from sdscratch.tokenizer import train_bpe
 
@@ -47,7 +49,7 @@ QUESTIONS = (
 
 def satisfied_negatives(captions, negatives, pool=2000) -> float:
     """The share of the first `pool` hard negatives that their image satisfies."""
-    train = Shapes("train", captions=captions)
+    train = Shapes("train", seed=scenes_seed("clip", 0), captions=captions)
     tokenizer = train_bpe([train.scene(i)[0] for i in range(500)], vocab_size=400)
     *_, shown, asked = _pairs(train, pool, tokenizer, 0, negatives)
     return codes_satisfy(shown, asked[1]).diagonal().float().mean().item()

@@ -1,6 +1,7 @@
 """The bundled pixel-text model's prompt accuracy on more prompts than its recipe uses.
 
     python benchmarks/pixel_text_accuracy.py [--model FOLDER] [--samples 512]
+                                             [--seed 0] [--guidance 3]
 
 The pixel-text recipe scores its model on 64 evaluation prompts, where one prompt
 moves the figure by 1.6 points. This draws `--samples` test prompts (default 512;
@@ -46,7 +47,16 @@ def load(folder):
 
 @torch.no_grad()
 def draw(unet, encode, prompts, scale, seed, guidance=GUIDANCE, batch=64):
-    """One guided sample per prompt, (N, 3, 32, 32) pixels; noise from `seed`."""
+    """One guided sample per prompt.
+
+    Args:
+        unet, encode: the model and its text encoder (`load`).
+        prompts: N prompts; scale: the model's pixel_scale (samples are divided by
+            it); seed: of the noise; guidance: the classifier-free guidance scale;
+        batch: prompts per sampling call.
+    Returns:
+        (N, 3, 32, 32) pixels.
+    """
     generator = torch.Generator().manual_seed(seed)
     schedule, empty = NoiseSchedule.scaled_linear(), encode([""])
     out = []

@@ -19,8 +19,10 @@ from sdscratch.clip import (
 )
 from sdscratch.port import text_encoder_from_transformers
 from sdscratch.recipes import run_recipe
-from sdscratch.shapes.data import Shapes
+from sdscratch.recipes.clip import _pairs
+from sdscratch.shapes.data import Shapes, codes_satisfy
 from sdscratch.shapes.zero_shot import caption_choices
+from sdscratch.tokenizer import train_bpe
 
 TINY_CONFIGS = {
     "quick_gelu": dict(
@@ -257,10 +259,6 @@ def test_paired_negatives_contradict_their_image(captions):
     """A hard negative phrased with its caption's draws always says something false
     of the caption's image; phrased independently, some natural negatives do not
     (they leave out the attribute that was changed), template ones always do."""
-    from sdscratch.recipes.clip import _pairs
-    from sdscratch.shapes.data import codes_satisfy
-    from sdscratch.tokenizer import train_bpe
-
     train = Shapes("train", seed=3, captions=captions)
     tokenizer = train_bpe([train.scene(i)[0] for i in range(300)], vocab_size=400)
     true_negatives = {}

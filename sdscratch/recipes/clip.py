@@ -149,8 +149,9 @@ def _train_tokenizer(train):
     return tokenizer
 
 
-def _pairs(train, pool, tokenizer, seed, negatives="independent"):
-    """The first `pool` training scenes, their captions and hard negatives.
+def _pairs(train, pool, tokenizer, seed, negatives=CLIP_NEGATIVES):
+    """The first `pool` training scenes, their captions (drawn again when paired)
+    and hard negatives.
 
     negatives: "independent" phrases each negative with its own random draws.
     Template captions vary little, and name every attribute, so any phrasing of
@@ -159,8 +160,10 @@ def _pairs(train, pool, tokenizer, seed, negatives="independent"):
     from its caption in many words besides the changed ones (and now and then
     leaves out the changed attribute, and says nothing false). "paired" phrases
     the caption and its negative with the same draws and changes only what the
-    caption names: they differ in the changed words alone, the minimal pairs of
-    NegCLIP's swapped captions. `benchmarks/clip_captions.py` measures both.
+    caption names: they differ in the changed words alone (when two objects swap
+    places, also in the words that go with each place: a size one names and the
+    other leaves out), the minimal pairs of NegCLIP's swapped captions.
+    `benchmarks/clip_captions.py` measures both.
 
     Returns:
         images (N, 3, 32, 32); ids and negative_ids (N, L), token ids of the
@@ -170,6 +173,7 @@ def _pairs(train, pool, tokenizer, seed, negatives="independent"):
         batch it satisfies ("a red circle" matches every red circle; a negative
         that leaves out the changed attribute matches too).
     """
+    check_choice(negatives, NEGATIVE_PHRASINGS, "negatives")
     images, captions, scenes = train.batch(range(pool))
     rng = random.Random(seed)
     if negatives == "paired":
@@ -191,7 +195,7 @@ def _paired_captions(scene, rng, grammar) -> tuple[str, str]:
     out would give the same words)."""
     draw = rng.getrandbits(32)
     caption = describe(scene, random.Random(draw), grammar)
-    while True:
+    while True:  # ends: every caption names colours, and a colour change is drawable
         negative = describe(_hard_negative(scene, rng), random.Random(draw), grammar)
         if not satisfies(scene, parse_caption(negative)):
             return caption, negative
