@@ -100,7 +100,6 @@ def train_clip(
     captions: the training captions' grammar (default `CAPTIONS`).
     negatives: how each negative is phrased, "independent" or "paired" (`_pairs`).
     """
-    check_choice(negatives, NEGATIVE_PHRASINGS, "negatives")
     steps = steps or CLIP_STEPS
     train = Shapes("train", seed=scenes_seed("clip", seed), captions=captions)
     tokenizer = _train_tokenizer(train)
